@@ -1,0 +1,247 @@
+"""Arguments: our dataclasses beside TRL's, the parser, and the DeepSpeed-config resolution.
+
+Three dataclasses reach main(): ScriptArguments (data, run, reports), TrainConfig (TRL's
+SFTConfig plus the DeepSpeed shorthands) and TRL's ModelConfig (model, LoRA, quantisation).
+`--config recipe.yaml` sets defaults; CLI flags win; an unknown key in either is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from recipe import REPO_ROOT
+from recipe.hardware import ensure_distributed_env, fix_cuda_arch_list, resolve_precision
+
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
+DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "stage2.json"
+
+
+class ConfigError(ValueError):
+    """One or more problems with the user's configuration, each with its remedy."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) with the configuration:\n{lines}")
+
+
+@dataclass
+class ScriptArguments:
+    """Data, run naming and reporting. Model flags come from TRL's ModelConfig."""
+
+    dataset_name: str = field(
+        default="data/train.jsonl",
+        metadata={"help": "Local .json/.jsonl/.csv/.parquet file or directory, or a hub dataset id."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on when the dataset has one (hub datasets)."}
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation file or hub id. Unset: the dataset's test split, else eval_split_ratio of train."},
+    )
+    eval_split_ratio: float = field(
+        default=0.02, metadata={"help": "Fraction of train held out for eval when no eval set is given (0: no eval)."}
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Row format; 'auto' detects it from the columns.",
+            "choices": ["auto", "messages", "alpaca", "prompt_completion", "text"],
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
+    results_dir: str = field(default="results", metadata={"help": "Run outputs go to <results_dir>/<run_name>/."})
+    save_final_model: bool = field(
+        default=True, metadata={"help": "Save the final model (HF format, safetensors) to <run dir>/model."}
+    )
+    heldout_eval: str = field(
+        default="auto",
+        metadata={
+            "help": "Score exact-match generation on the eval set before and after training. "
+            "'auto': only for the default task (the shipped data).",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    heldout_max_samples: int = field(default=200, metadata={"help": "Eval rows scored by generation."})
+    heldout_max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per held-out answer."})
+
+
+@dataclass
+class TrainConfig(SFTConfig):
+    """TRL's SFTConfig with the DeepSpeed shorthands and hardware-chosen precision.
+
+    Resolved before TrainingArguments initialises the device: the DeepSpeed file (from
+    --deepspeed or --zero_stage), precision (bf16 unset = chosen from the hardware), use_cpu.
+    """
+
+    zero_stage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Shorthand for --deepspeed ds_configs/stage<N>.json: 0, 1, 2, 3, 2_offload, 3_offload, 3_nvme."
+        },
+    )
+    nvme_path: str | None = field(
+        default=None,
+        metadata={"help": "NVMe directory for ZeRO-Infinity (stage3_nvme). Default: $DS_NVME_PATH."},
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per optimizer step over all processes; sets gradient_accumulation_steps "
+                  "= global / (per-device batch x processes), so a recipe trains the same on any GPU count."},
+    )
+    ds_config_path: str | None = field(default=None, init=False)  # the DeepSpeed file in use
+    output_dir_auto: bool = field(default=False, init=False)  # main() puts checkpoints in the run folder
+    # Defaults that differ from SFTConfig's, each with its reason.
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Checkpoints. Default: <results_dir>/<run_name>/checkpoints."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in backward: ~30% slower, far less activation memory."},
+    )
+    report_to: str | list[str] = field(
+        default="wandb", metadata={"help": "'wandb' (online if logged in, else offline) or 'none'."}
+    )
+    save_only_model: bool = field(default=False, metadata={"help": "Checkpoints without optimizer state (no resume)."})
+
+    def __post_init__(self):
+        fix_cuda_arch_list()
+        ensure_distributed_env()
+        problems = []
+        self.output_dir_auto = self.output_dir is None
+        if self.global_batch_size is not None:
+            world = int(os.environ["WORLD_SIZE"])
+            per_step = self.per_device_train_batch_size * world
+            if self.global_batch_size % per_step:
+                problems.append(
+                    f"--global_batch_size {self.global_batch_size} is not a multiple of per-device batch "
+                    f"{self.per_device_train_batch_size} x {world} processes = {per_step}: change one of them."
+                )
+            else:
+                self.gradient_accumulation_steps = self.global_batch_size // per_step
+        self.deepspeed, self.ds_config_path = resolve_ds_config(
+            self.deepspeed, self.zero_stage, self.nvme_path, problems
+        )
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            # One process per CPU rank: accelerate must not fill "auto" batch sizes for one process.
+            self.use_cpu = True
+        self.bf16, self.fp16, precision_problems = resolve_precision(
+            self.bf16, self.fp16, cuda, cuda and torch.cuda.is_bf16_supported()
+        )
+        problems += precision_problems
+        if problems:
+            raise ConfigError(problems)
+        super().__post_init__()
+
+
+def ds_config_names() -> list[str]:
+    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+
+def load_json_file(path: Path, what: str) -> dict:
+    """json.load with an error that names the file, line and column."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read {what} {path}: {e.strerror}."]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            [f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. Fix the file."]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{what} {path} must hold a JSON object, not {type(data).__name__}."])
+    return data
+
+
+def resolve_ds_config(
+    deepspeed: str | dict | None, zero_stage: str | None, nvme_path: str | None, problems: list[str]
+) -> tuple[dict | None, str | None]:
+    """Turn --deepspeed/--zero_stage into a loaded config dict and the file it came from."""
+    if isinstance(deepspeed, dict):
+        return deepspeed, None
+    if zero_stage is not None and str(zero_stage) != "":
+        name = f"stage{zero_stage}"
+        path = DS_CONFIG_DIR / f"{name}.json"
+        if not path.exists():
+            hint = difflib.get_close_matches(name, ds_config_names(), n=1)
+            problems.append(
+                f"--zero_stage {zero_stage}: there is no {path.relative_to(REPO_ROOT)}. "
+                f"Choose one of {', '.join(n.removeprefix('stage') for n in ds_config_names())}"
+                + (f" (did you mean {hint[0].removeprefix('stage')}?)" if hint else "")
+                + ", or pass your own file with --deepspeed."
+            )
+            return None, None
+        if deepspeed and Path(deepspeed).resolve() != path.resolve():
+            problems.append(
+                f"--zero_stage {zero_stage} and --deepspeed {deepspeed} disagree: give only one of them."
+            )
+            return None, None
+        deepspeed = str(path)
+    if deepspeed is None or deepspeed == "":
+        deepspeed = str(DEFAULT_DS_CONFIG)
+    path = Path(deepspeed)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        problems.append(
+            f"DeepSpeed config {deepspeed} does not exist. Shipped configs: "
+            f"{', '.join(f'ds_configs/{n}.json' for n in ds_config_names())}."
+        )
+        return None, None
+    try:
+        config = load_json_file(path, "DeepSpeed config")
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None, None
+    zero = config.get("zero_optimization", {})
+    uses_nvme = any(
+        isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme" for k in ("offload_optimizer", "offload_param")
+    )
+    if uses_nvme:
+        nvme = nvme_path or os.environ.get("DS_NVME_PATH")
+        for key in ("offload_optimizer", "offload_param"):
+            section = zero.get(key)
+            if isinstance(section, dict) and section.get("device") == "nvme" and section.get("nvme_path") in (None, "auto"):
+                if not nvme:
+                    problems.append(
+                        f"{path.name} offloads to NVMe but no path is set: pass --nvme_path /local_nvme "
+                        "or export DS_NVME_PATH=/local_nvme (a directory on a fast local NVMe disk)."
+                    )
+                    return None, None
+                section["nvme_path"] = nvme
+    return config, str(path)
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, TrainConfig, ModelConfig))
+
+
+def default_recipe_argv(argv: list[str]) -> list[str]:
+    """With no --config and no model, run the embedded default recipe (configs/default.yaml)."""
+    if "--config" in argv or any(a.split("=")[0] == "--model_name_or_path" for a in argv):
+        return argv
+    return ["--config", str(DEFAULT_RECIPE), *argv]
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelConfig); unknown keys fail."""
+    argv = default_recipe_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = make_parser()
+    return parser.parse_args_and_config(argv)

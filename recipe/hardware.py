@@ -1,0 +1,125 @@
+"""Hardware facts and process set-up: precision, distributed environment, GPU peak FLOP/s.
+
+Everything here runs before TrainingArguments is built, because building it initialises the
+device and the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+# Dense bf16/fp16 tensor-core peak (TFLOP/s) by GPU name, from the vendors' datasheets.
+# Matched against torch.cuda.get_device_name() in order, first hit wins.
+PEAK_TFLOPS = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM and NVL
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A6000", 155.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("4090", 165.0),
+    ("3090", 71.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+]
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """Dense bf16 peak of a GPU by its name, or None when unknown (MFU is then not reported)."""
+    if not device_name:
+        return None
+    for key, tflops in PEAK_TFLOPS:
+        if key in device_name:
+            return tflops
+    return None
+
+
+def fix_cuda_arch_list(environ=os.environ) -> str | None:
+    """Strip arch suffixes (``9.0a`` -> ``9.0``) from TORCH_CUDA_ARCH_LIST.
+
+    DeepSpeed's JIT op builder parses every entry with int() and fails on ``9.0a``
+    (``ValueError: invalid literal for int() with base 10: '0a'``); many CUDA images ship
+    ``TORCH_CUDA_ARCH_LIST=9.0a``. ``9.0`` builds sm_90 code, which runs on every Hopper GPU.
+    Returns the new value when it changed.
+    """
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    fixed = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", value)
+    if fixed == value:
+        return None
+    # keep one entry per arch: "9.0 9.0a" would otherwise become "9.0 9.0"
+    entries, seen = [], set()
+    for entry in re.split(r"[;\s]+", fixed.strip()):
+        if entry and entry not in seen:
+            seen.add(entry)
+            entries.append(entry)
+    environ["TORCH_CUDA_ARCH_LIST"] = ";".join(entries)
+    return environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_distributed_env(environ=os.environ) -> bool:
+    """Make ``python train_ds.py`` a world of one process, as the launchers would.
+
+    DeepSpeed otherwise looks for MPI (mpi4py) to discover its rank. Returns True when it set
+    the variables, False when a launcher (deepspeed, torchrun, accelerate) already had.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return False
+    environ.setdefault("RANK", "0")
+    environ.setdefault("LOCAL_RANK", "0")
+    environ.setdefault("WORLD_SIZE", "1")
+    environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(_free_port()))
+    return True
+
+
+def resolve_precision(
+    bf16: bool | None, fp16: bool, cuda: bool, cuda_bf16: bool
+) -> tuple[bool, bool, list[str]]:
+    """Pick (bf16, fp16) from the hardware unless the user chose; return problems found.
+
+    ``bf16=None`` means "auto": bf16 on GPUs that have it (Ampere and newer), fp16 with dynamic
+    loss scaling on older GPUs, fp32 on CPU. An explicit choice wins when the hardware can do it.
+    """
+    problems = []
+    if bf16 and fp16:
+        problems.append("--bf16 and --fp16 are both set: choose one.")
+    if fp16 and not cuda:
+        problems.append(
+            "--fp16 needs a CUDA GPU and none is visible: drop --fp16 (CPU runs train in fp32) or use --bf16."
+        )
+    if bf16 and cuda and not cuda_bf16:
+        problems.append(
+            "--bf16 is set but this GPU has no bf16 support (it needs Ampere or newer): use --fp16, "
+            "or leave both unset to pick fp16 automatically."
+        )
+    if bf16 is None:
+        if fp16:
+            bf16 = False
+        elif cuda:
+            bf16, fp16 = cuda_bf16, not cuda_bf16
+        else:
+            bf16 = False
+    return bool(bf16), bool(fp16), problems
+
+
+def precision_name(bf16: bool, fp16: bool) -> str:
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"

@@ -1,0 +1,117 @@
+"""Tokenizer and model: the embedded tiny default, or any causal LM from the hub or a local folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from recipe.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TINY_CONFIG = Path(__file__).with_name("tiny_llama.json")
+TINY_NAME = "tiny-llama"
+TINY_SPECIALS = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# For tokenizers that ship no chat template (base models): plain-text headers, the assistant turn
+# closed by the tokenizer's own EOS so the model learns to stop; no new tokens, no embedding resize.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for m in messages %}"
+    "{{ '### ' + m['role'] | capitalize + ':\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+# Llama 3.1+ tokenizers reserve this token for padding; better than reusing EOS.
+LLAMA_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<pad>")
+
+
+def build_tiny_tokenizer():
+    """Character-level tokenizer over printable ASCII and newline, built offline, deterministic."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + chars)}
+    # BPE with no merges and no pre-tokenizer splits text into single characters.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(TINY_SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
+        additional_special_tokens=TINY_SPECIALS[3:],
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    values = {k: v for k, v in json.loads(TINY_CONFIG.read_text()).items() if not k.startswith("_")}
+    return LlamaConfig(**values, vocab_size=vocab_size)
+
+
+def load_tokenizer(model_name_or_path: str | None, revision: str = "main", trust_remote_code: bool = False):
+    """The model's tokenizer with a chat template and a pad token guaranteed."""
+    if model_name_or_path is None:
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise ConfigError([model_error(model_name_or_path, e)]) from None
+    if tokenizer.chat_template is None:
+        logger.warning("%s has no chat template; using the plain '### Role:' template.", model_name_or_path)
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        pad = next((t for t in LLAMA_PAD_TOKENS if t in vocab), tokenizer.eos_token)
+        tokenizer.pad_token = pad
+        logger.info("Tokenizer has no pad token; using %r (labels are masked by attention, not by id).", pad)
+    return tokenizer
+
+
+def model_error(name: str, error: Exception) -> str:
+    text = str(error)
+    if Path(name).exists():
+        return f"{name} exists but is not a loadable model/tokenizer folder ({text.splitlines()[0]}). " \
+               "It needs config.json, the weights (*.safetensors) and the tokenizer files."
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return f"{name} is gated: accept its licence on the hub and export HF_TOKEN=<your token>."
+    return f"cannot load {name!r}: not a local folder, and the hub did not provide it ({text.splitlines()[0]}). " \
+           "Check the id, your network, or HF_HUB_OFFLINE with a local path."
+
+
+def load_model(model_args, training_args, tokenizer):
+    """Load weights (or build the tiny default). Call after TrainingArguments so ZeRO-3 partitions at load."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    dtype = model_args.dtype
+    if dtype not in (None, "auto"):
+        dtype = getattr(torch, dtype)
+    if model_args.model_name_or_path is None:
+        set_seed(training_args.seed)
+        return AutoModelForCausalLM.from_config(
+            tiny_config(len(tokenizer)), dtype=torch.float32,
+            attn_implementation=model_args.attn_implementation or "sdpa",
+        )
+    kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+                  attn_implementation=model_args.attn_implementation or "sdpa", dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except OSError as e:
+        raise ConfigError([model_error(model_args.model_name_or_path, e)]) from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model

@@ -1,0 +1,94 @@
+"""What a run leaves in results/<run_name>/: arguments, DeepSpeed config, summary, loss curve; W&B set-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import netrc
+import os
+import subprocess
+from pathlib import Path
+
+from recipe import REPO_ROOT
+
+logger = logging.getLogger(__name__)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def args_dict(script_args, training_args, model_args) -> dict:
+    return {
+        "script": dataclasses.asdict(script_args),
+        "training": training_args.to_dict(),
+        "model": dataclasses.asdict(model_args),
+    }
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def setup_wandb(training_args, run_dir: Path, is_main: bool) -> str | None:
+    """Online when logged in, else offline into the run folder. Returns the mode, None when off."""
+    if "wandb" not in (training_args.report_to or []):
+        return None
+    os.environ.setdefault("WANDB_PROJECT", "llama-ds-recipe")
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        if is_main:
+            logger.warning(
+                "W&B: not logged in (no WANDB_API_KEY, no `wandb login`), logging offline to %s/wandb. "
+                "Upload later with `uv run wandb sync %s/wandb/offline-run-*`; --report_to none turns W&B off.",
+                run_dir, run_dir,
+            )
+    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return os.environ.get("WANDB_MODE", "online")
+
+
+def plot_loss(log_history: list[dict], path: Path) -> bool:
+    """Train and eval loss against step; False when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def last_logged(log_history: list[dict], key: str):
+    return next((r[key] for r in reversed(log_history) if key in r), None)

@@ -1,0 +1,172 @@
+"""Fine-tune a Llama-class causal LM with TRL's SFTTrainer on DeepSpeed ZeRO.
+
+With no arguments it runs the embedded default (configs/default.yaml): a ~0.8M-parameter Llama
+built from recipe/tiny_llama.json learns to reverse words from data/; no network, no GPU.
+
+    uv run python train_ds.py                                   # default, 1 process (CPU or 1 GPU)
+    uv run deepspeed --num_gpus=2 train_ds.py                   # default, 2 GPUs (2 CPU processes without GPUs)
+    uv run deepspeed --num_gpus=8 train_ds.py --config configs/llama-3.2-1b.yaml
+    uv run torchrun --nproc_per_node=2 train_ds.py --zero_stage 3 --max_steps 50
+    scripts/train.sh --zero_stage 3 --config configs/llama-3.2-3b.yaml   # all local GPUs
+
+DeepSpeed: --deepspeed ds_configs/<name>.json (default stage2.json) or --zero_stage 0|1|2|3|2_offload|
+3_offload|3_nvme. Precision: bf16 where the GPU has it, else fp16; fp32 on CPU; --bf16/--fp16 override.
+Everything lands in results/<run_name>/: args.json, ds_config.json, summary.json, loss.png, model/,
+checkpoints/ and wandb/. Resume with --resume_from_checkpoint last (or a checkpoint path).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from recipe.config import ConfigError, parse_args
+
+logger = logging.getLogger("train_ds")
+
+
+def run_name_for(script_args, training_args, model_args) -> str:
+    model = Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "tiny-llama"
+    data = Path(script_args.dataset_name).stem
+    ds = Path(training_args.ds_config_path).stem if training_args.ds_config_path else "custom-ds"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{data}_{ds}")
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """'last'/'true' -> newest checkpoint in output_dir (None when there is none); a path stays a path."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None or value.lower() in ("", "false", "no", "none"):
+        return None
+    if value.lower() in ("last", "true", "yes", "auto"):
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            logger.warning("--resume_from_checkpoint %s: no checkpoint in %s, starting fresh.", value, output_dir)
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError([f"--resume_from_checkpoint {value}: no such checkpoint folder. "
+                           f"Use 'last' to take the newest one in {output_dir}."])
+    return value
+
+
+def main(script_args, training_args, model_args) -> dict:
+    import torch
+    from trl import get_peft_config
+
+    from recipe import data, hardware, metrics, modeling, report
+    from recipe.trainer import HeldoutCallback, RecipeTrainer, RunInfoCallback
+
+    # ── logging and run folder ──────────────────────────────────────────────
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=training_args.get_process_log_level())
+    is_main = training_args.process_index == 0
+    training_args.run_name = training_args.run_name or run_name_for(script_args, training_args, model_args)
+    run_dir = Path(script_args.results_dir) / training_args.run_name
+    if training_args.output_dir_auto:
+        training_args.output_dir = str(run_dir / "checkpoints")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report.write_json(run_dir / "args.json", report.args_dict(script_args, training_args, model_args))
+    world = training_args.world_size
+    precision = hardware.precision_name(training_args.bf16, training_args.fp16)
+    logger.info("run %s: %d process(es), %s, DeepSpeed %s, global batch %d = %d per device x %d accumulation x %d",
+                training_args.run_name, world, precision, training_args.ds_config_path,
+                training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world,
+                training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
+
+    # ── data ────────────────────────────────────────────────────────────────
+    with training_args.main_process_first(desc="load and format the dataset"):
+        train_ds, eval_ds, fmt = data.build_datasets(script_args, training_args.seed)
+    logger.info("data: %d train rows, %s eval rows, format %s", len(train_ds),
+                len(eval_ds) if eval_ds is not None else 0, fmt)
+
+    # ── tokenizer ───────────────────────────────────────────────────────────
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, model_args.model_revision,
+                                        training_args.trust_remote_code)
+
+    # ── model (after TrainingArguments: under ZeRO-3 the weights are partitioned as they load) ──
+    model = modeling.load_model(model_args, training_args, tokenizer)
+
+    # ── trainer ─────────────────────────────────────────────────────────────
+    heldout = None
+    if eval_ds is not None and wants_heldout(script_args):
+        rows = [eval_ds[i] for i in range(min(script_args.heldout_max_samples, len(eval_ds)))]
+        heldout = HeldoutCallback(tokenizer, rows, script_args.heldout_max_new_tokens,
+                                  synced_gpus=training_args.deepspeed_plugin is not None
+                                  and training_args.deepspeed_plugin.zero_stage == 3 and world > 1)
+    wandb_mode = report.setup_wandb(training_args, run_dir, is_main)
+    run_info = RunInfoCallback(run_dir, {"script_args": report.args_dict(script_args, training_args, model_args),
+                                         "git_commit": report.git_commit()})
+    trainer = RecipeTrainer(
+        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer, peft_config=get_peft_config(model_args),
+        callbacks=[cb for cb in (run_info, heldout) if cb is not None],
+    )
+    cuda = torch.cuda.is_available()
+    config = model.config
+    trainer.meter = metrics.ThroughputMeter(
+        metrics.count_params(model), config.num_hidden_layers, config.hidden_size,
+        hardware.peak_tflops(torch.cuda.get_device_name() if cuda else None), cuda)
+
+    # ── train ───────────────────────────────────────────────────────────────
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # ── save ────────────────────────────────────────────────────────────────
+    if script_args.save_final_model:
+        trainer.save_model(str(run_dir / "model"))  # ZeRO-3: 16-bit weights gathered (see stage3.json)
+        if is_main:
+            tokenizer.save_pretrained(run_dir / "model")
+
+    # ── eval ────────────────────────────────────────────────────────────────
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    if heldout is not None:
+        trainer.log(dict(heldout.scores))
+
+    # ── report ──────────────────────────────────────────────────────────────
+    history = trainer.state.log_history
+    summary = {
+        "run_name": training_args.run_name,
+        "model": model_args.model_name_or_path or modeling.TINY_NAME,
+        "dataset": script_args.dataset_name,
+        "dataset_format": fmt,
+        "ds_config": training_args.ds_config_path,
+        "zero_stage": training_args.deepspeed_plugin.zero_stage if training_args.deepspeed_plugin else None,
+        "world_size": world,
+        "precision": precision,
+        "global_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps * world,
+        "global_step": trainer.state.global_step,
+        "train_loss": report.last_logged(history, "loss"),
+        "train_loss_mean": train_result.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "resumed_from": resume,
+        "wandb": wandb_mode,
+        "git_commit": report.git_commit(),
+        "peak_memory_gib": None,
+        **trainer.meter.averages(),
+        **(heldout.scores if heldout is not None else {}),
+    }
+    if is_main:
+        report.write_json(run_dir / "summary.json", summary)
+        report.plot_loss(history, run_dir / "loss.png")
+        trainer.save_state()
+        logger.info("results in %s:\n%s", run_dir, "\n".join(f"  {k}: {v}" for k, v in summary.items()))
+    return summary
+
+
+def wants_heldout(script_args) -> bool:
+    if script_args.heldout_eval == "auto":
+        return Path(script_args.dataset_name).as_posix().endswith("data/train.jsonl")
+    return script_args.heldout_eval == "true"
+
+
+if __name__ == "__main__":
+    try:
+        main(*parse_args())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
