@@ -107,9 +107,9 @@ class TrainConfig(SFTConfig):
     output_dir: str | None = field(
         default=None, metadata={"help": "Checkpoints. Default: <results_dir>/<run_name>/checkpoints."}
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in backward: ~30% slower, far less activation memory."},
+    gradient_checkpointing: bool | None = field(
+        default=None,  # off: ~30% slower when on; transformers 5 also calls it activation_checkpointing
+        metadata={"help": "Recompute activations in backward: ~30%% slower, far less activation memory."},
     )
     report_to: str | list[str] = field(
         default="wandb", metadata={"help": "'wandb' (online if logged in, else offline) or 'none'."}
@@ -230,7 +230,9 @@ def resolve_ds_config(
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, TrainConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, TrainConfig, ModelConfig))
+    parser.allow_abbrev = False  # a typo such as --learning_rat must fail, not match --learning_rate
+    return parser
 
 
 def default_recipe_argv(argv: list[str]) -> list[str]:
