@@ -62,6 +62,8 @@ def main(script_args, training_args, model_args) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=training_args.get_process_log_level())
     is_main = training_args.process_index == 0
+    for name in ("train_ds", "recipe"):
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
     training_args.run_name = training_args.run_name or run_name_for(script_args, training_args, model_args)
     run_dir = Path(script_args.results_dir) / training_args.run_name
     if training_args.output_dir_auto:
@@ -81,6 +83,9 @@ def main(script_args, training_args, model_args) -> dict:
         train_ds, eval_ds, fmt = data.build_datasets(script_args, training_args.seed)
     logger.info("data: %d train rows, %s eval rows, format %s", len(train_ds),
                 len(eval_ds) if eval_ds is not None else 0, fmt)
+    if eval_ds is None and training_args.eval_strategy != "no":
+        logger.warning("no eval set (no --eval_dataset_name, no test split, eval_split_ratio 0): evaluation off.")
+        training_args.eval_strategy = "no"
 
     # ── tokenizer ───────────────────────────────────────────────────────────
     tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, model_args.model_revision,
@@ -88,6 +93,9 @@ def main(script_args, training_args, model_args) -> dict:
 
     # ── model (after TrainingArguments: under ZeRO-3 the weights are partitioned as they load) ──
     model = modeling.load_model(model_args, training_args, tokenizer)
+    logger.info("model: %s, %.2fM parameters, partitioned by ZeRO-3 at load: %s",
+                model_args.model_name_or_path or modeling.TINY_NAME, metrics.count_params(model) / 1e6,
+                all(hasattr(p, "ds_id") for p in model.parameters()))
 
     # ── trainer ─────────────────────────────────────────────────────────────
     heldout = None
@@ -170,3 +178,7 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

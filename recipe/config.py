@@ -89,7 +89,8 @@ class TrainConfig(SFTConfig):
     zero_stage: str | None = field(
         default=None,
         metadata={
-            "help": "Shorthand for --deepspeed ds_configs/stage<N>.json: 0, 1, 2, 3, 2_offload, 3_offload, 3_nvme."
+            "help": "Shorthand for --deepspeed ds_configs/stage<N>.json (and replacing it): 0, 1, 2, 3, "
+            "2_offload, 3_offload, 3_nvme."
         },
     )
     nvme_path: str | None = field(
@@ -140,6 +141,11 @@ class TrainConfig(SFTConfig):
         if not cuda:
             # One process per CPU rank: accelerate must not fill "auto" batch sizes for one process.
             self.use_cpu = True
+            if "OMP_NUM_THREADS" not in os.environ:
+                # share the cores between the local ranks instead of oversubscribing them
+                threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"]))
+                os.environ["OMP_NUM_THREADS"] = str(threads)
+                torch.set_num_threads(threads)
         self.bf16, self.fp16, precision_problems = resolve_precision(
             self.bf16, self.fp16, cuda, cuda and torch.cuda.is_bf16_supported()
         )
@@ -188,12 +194,8 @@ def resolve_ds_config(
                 + ", or pass your own file with --deepspeed."
             )
             return None, None
-        if deepspeed and Path(deepspeed).resolve() != path.resolve():
-            problems.append(
-                f"--zero_stage {zero_stage} and --deepspeed {deepspeed} disagree: give only one of them."
-            )
-            return None, None
-        deepspeed = str(path)
+        # the shorthand wins over a recipe's `deepspeed:` so `--zero_stage 3` works with any recipe
+        deepspeed = str(path.relative_to(REPO_ROOT))
     if deepspeed is None or deepspeed == "":
         deepspeed = str(DEFAULT_DS_CONFIG)
     path = Path(deepspeed)
@@ -226,7 +228,8 @@ def resolve_ds_config(
                     )
                     return None, None
                 section["nvme_path"] = nvme
-    return config, str(path)
+    path = path.resolve()
+    return config, str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
 
 
 def make_parser() -> TrlParser:

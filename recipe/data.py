@@ -39,6 +39,8 @@ def looks_local(name: str) -> bool:
 def check_json_file(path: Path) -> None:
     """Parse a .json/.jsonl file fully; a bad row is reported with its line number."""
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ConfigError([f"{path} is empty: it has no rows. Point --dataset_name at a file with data."])
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -75,6 +77,8 @@ def load_split(name: str, config: str | None, split: str):
                                f"{', '.join(LOCAL_BUILDERS)}."])
         if builder == "json":
             check_json_file(local)
+        elif local.stat().st_size == 0:
+            raise ConfigError([f"{local} is empty: it has no rows. Point --dataset_name at a file with data."])
         return load_dataset(builder, data_files=str(local), split="train")
     source = str(local) if local is not None else name
     try:

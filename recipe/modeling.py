@@ -97,6 +97,15 @@ def load_model(model_args, training_args, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # zero.Init partitions over the process group, so it must exist before the weights do
+        # (on CPU, TrainingArguments leaves it to the Trainer, which is too late).
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():  # wraps torch's group when accelerate made one
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     dtype = model_args.dtype
     if dtype not in (None, "auto"):
         dtype = getattr(torch, dtype)

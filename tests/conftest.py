@@ -69,3 +69,15 @@ def tiny_tokenizer():
     from recipe.modeling import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA GPUs; skip them where there are none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

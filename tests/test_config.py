@@ -125,10 +125,10 @@ def test_nvme_needs_a_path(monkeypatch, tmp_path):
     assert config["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path)
 
 
-def test_zero_stage_and_deepspeed_must_agree():
+def test_zero_stage_replaces_a_recipes_deepspeed():
     problems = []
-    resolve_ds_config("ds_configs/stage2.json", "3", None, problems)
-    assert "disagree" in problems[0]
+    config, path = resolve_ds_config("ds_configs/stage2.json", "3", None, problems)
+    assert not problems and path.endswith("stage3.json") and config["zero_optimization"]["stage"] == 3
 
 
 @pytest.mark.parametrize("bf16,fp16,cuda,cuda_bf16,expected", [
