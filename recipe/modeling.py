@@ -110,11 +110,22 @@ def load_model(model_args, training_args, tokenizer):
     if dtype not in (None, "auto"):
         dtype = getattr(torch, dtype)
     if model_args.model_name_or_path is None:
+        # Seeded init outside zero.Init, so every stage starts from the same weights; under ZeRO-3
+        # the model is built partitioned and the weights are copied in, one parameter at a time.
+        from transformers import LlamaForCausalLM
+
         set_seed(training_args.seed)
-        return AutoModelForCausalLM.from_config(
-            tiny_config(len(tokenizer)), dtype=torch.float32,
-            attn_implementation=model_args.attn_implementation or "sdpa",
-        )
+        config = tiny_config(len(tokenizer))
+        config._attn_implementation = model_args.attn_implementation or "sdpa"
+        model = LlamaForCausalLM(config)
+        if not is_deepspeed_zero3_enabled():
+            return model
+        weights = model.state_dict()
+        partitioned = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for name, param in partitioned.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(weights[name])
+        return partitioned
     kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                   attn_implementation=model_args.attn_implementation or "sdpa", dtype=dtype)
     try:
