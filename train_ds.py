@@ -105,8 +105,9 @@ def main(script_args, training_args, model_args) -> dict:
                                   synced_gpus=training_args.deepspeed_plugin is not None
                                   and training_args.deepspeed_plugin.zero_stage == 3 and world > 1)
     wandb_mode = report.setup_wandb(training_args, run_dir, is_main)
+    commit = report.git_commit()
     run_info = RunInfoCallback(run_dir, {"script_args": report.args_dict(script_args, training_args, model_args),
-                                         "git_commit": report.git_commit()})
+                                         "git_commit": commit})
     trainer = RecipeTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
@@ -153,7 +154,7 @@ def main(script_args, training_args, model_args) -> dict:
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "resumed_from": resume,
         "wandb": wandb_mode,
-        "git_commit": report.git_commit(),
+        "git_commit": commit,
         "peak_memory_gib": None,
         **trainer.meter.averages(),
         **(heldout.scores if heldout is not None else {}),
