@@ -18,6 +18,7 @@ checkpoints/ and wandb/. Resume with --resume_from_checkpoint last (or a checkpo
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ logger = logging.getLogger("train_ds")
 def run_name_for(script_args, training_args, model_args) -> str:
     model = Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "tiny-llama"
     data = Path(script_args.dataset_name).stem
-    ds = Path(training_args.ds_config_path).stem if training_args.ds_config_path else "custom-ds"
+    ds = Path(training_args.ds_config_path).stem if training_args.ds_config_path else (
+        "eval" if training_args.eval_only else "custom-ds")
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{data}_{ds}")
 
 
@@ -55,7 +57,7 @@ def main(script_args, training_args, model_args) -> dict:
     import torch
     from trl import get_peft_config
 
-    from recipe import data, hardware, metrics, modeling, report
+    from recipe import data, hardware, metrics, modeling, report, speed
     from recipe.trainer import HeldoutCallback, RecipeTrainer, RunInfoCallback
 
     # ── logging and run folder ──────────────────────────────────────────────
@@ -88,14 +90,15 @@ def main(script_args, training_args, model_args) -> dict:
         training_args.eval_strategy = "no"
 
     # ── tokenizer ───────────────────────────────────────────────────────────
-    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, model_args.model_revision,
-                                        training_args.trust_remote_code)
+    tokenizer = modeling.load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                                        model_args.model_revision, training_args.trust_remote_code)
 
     # ── model (after TrainingArguments: under ZeRO-3 the weights are partitioned as they load) ──
-    model = modeling.load_model(model_args, training_args, tokenizer)
-    logger.info("model: %s, %.2fM parameters, partitioned by ZeRO-3 at load: %s",
+    model = modeling.load_model(model_args, training_args, tokenizer, random_init=script_args.random_init)
+    speed.apply_speed(model, training_args.speed)
+    logger.info("model: %s, %.2fM parameters, partitioned by ZeRO-3 at load: %s; speed options: %s",
                 model_args.model_name_or_path or modeling.TINY_NAME, metrics.count_params(model) / 1e6,
-                all(hasattr(p, "ds_id") for p in model.parameters()))
+                all(hasattr(p, "ds_id") for p in model.parameters()), training_args.speed)
 
     # ── trainer ─────────────────────────────────────────────────────────────
     heldout = None
@@ -113,25 +116,28 @@ def main(script_args, training_args, model_args) -> dict:
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
         callbacks=[cb for cb in (run_info, heldout) if cb is not None],
     )
-    cuda = torch.cuda.is_available()
-    config = model.config
-    trainer.meter = metrics.ThroughputMeter(
-        metrics.count_params(model), config.num_hidden_layers, config.hidden_size,
-        hardware.peak_tflops(torch.cuda.get_device_name() if cuda else None), cuda)
+    trainer.meter = metrics.meter_for(model)
 
     # ── train ───────────────────────────────────────────────────────────────
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    resume, train_metrics, train_loss_mean = None, {}, None
+    if not training_args.eval_only:
+        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        train_metrics, train_loss_mean = train_result.metrics, train_result.training_loss
 
     # ── save ────────────────────────────────────────────────────────────────
-    if script_args.save_final_model:
+    if script_args.save_final_model and not training_args.eval_only:
         trainer.save_model(str(run_dir / "model"))  # ZeRO-3: 16-bit weights gathered (see stage3.json)
         if is_main:
             tokenizer.save_pretrained(run_dir / "model")
 
     # ── eval ────────────────────────────────────────────────────────────────
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    if eval_metrics.get("eval_loss") is not None:
+        eval_metrics["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 700.0))
     if heldout is not None:
+        if training_args.eval_only:
+            heldout.scores["heldout_score"] = heldout.score(trainer.model)
         trainer.log(dict(heldout.scores))
 
     # ── report ──────────────────────────────────────────────────────────────
@@ -145,13 +151,20 @@ def main(script_args, training_args, model_args) -> dict:
         "zero_stage": training_args.deepspeed_plugin.zero_stage if training_args.deepspeed_plugin else None,
         "world_size": world,
         "precision": precision,
+        "per_device_batch_size": training_args.per_device_train_batch_size,
+        "max_length": training_args.max_length,
+        "packing": training_args.packing,
+        **training_args.speed,
+        "token_metrics": training_args.token_metrics,
+        "gradient_checkpointing": bool(training_args.gradient_checkpointing),
         "global_batch_size": training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps * world,
         "global_step": trainer.state.global_step,
         "train_loss": report.last_logged(history, "loss"),
-        "train_loss_mean": train_result.training_loss,
+        "train_loss_mean": train_loss_mean,
         "eval_loss": eval_metrics.get("eval_loss"),
-        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "perplexity": eval_metrics.get("perplexity"),
+        "train_runtime_s": train_metrics.get("train_runtime"),
         "resumed_from": resume,
         "wandb": wandb_mode,
         "git_commit": commit,

@@ -18,6 +18,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from recipe import REPO_ROOT
 from recipe.hardware import ensure_distributed_env, fix_cuda_arch_list, resolve_precision
+from recipe.speed import resolve_speed
 
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
@@ -57,7 +58,7 @@ class ScriptArguments:
         default="auto",
         metadata={
             "help": "Row format; 'auto' detects it from the columns.",
-            "choices": ["auto", "messages", "alpaca", "prompt_completion", "text"],
+            "choices": ["auto", "messages", "alpaca", "prompt_completion", "text", "tokens"],
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
@@ -76,6 +77,15 @@ class ScriptArguments:
     )
     heldout_max_samples: int = field(default=200, metadata={"help": "Eval rows scored by generation."})
     heldout_max_new_tokens: int = field(default=16, metadata={"help": "Generation budget per held-out answer."})
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "Build the model from --model_name_or_path's config.json with random weights "
+                  "(benchmarks, training from scratch); no weight files needed."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use when it differs from the model's; 'tiny': the built-in "
+                                "character tokenizer."},
+    )
 
 
 @dataclass
@@ -102,6 +112,33 @@ class TrainConfig(SFTConfig):
         metadata={"help": "Sequences per optimizer step over all processes; sets gradient_accumulation_steps "
                   "= global / (per-device batch x processes), so a recipe trains the same on any GPU count."},
     )
+    fused_loss: str = field(
+        default="auto",
+        metadata={"help": "LM-head loss without full logits: 'liger' (fused linear cross-entropy, one pass), "
+                  "'trl' (TRL's chunked head; works under ZeRO-3; logs token accuracy). auto: liger on CUDA "
+                  "below ZeRO-3, else trl.", "choices": ["auto", "liger", "trl"]},
+    )
+    compile_layers: str = field(
+        default="auto",
+        metadata={"help": "torch.compile each decoder layer. auto: on with CUDA below ZeRO-3.",
+                  "choices": ["auto", "true", "false"]},
+    )
+    liger_kernels: str = field(
+        default="auto",
+        metadata={"help": "Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are not compiled.",
+                  "choices": ["auto", "true", "false"]},
+    )
+    token_metrics: bool = field(
+        default=False,
+        metadata={"help": "Log TRL's mean token accuracy and entropy (with --fused_loss trl); costs a host sync "
+                  "and a gather per micro-batch."},
+    )
+    eval_only: bool = field(
+        default=False,
+        metadata={"help": "Evaluate --model_name_or_path (a saved run's model/ folder, say) on the eval set: eval "
+                  "loss, perplexity and, for the default task, the held-out score. No training, no DeepSpeed."},
+    )
+    speed: dict = field(default_factory=dict, init=False)  # the resolved speed choices (recorded in the summary)
     ds_config_path: str | None = field(default=None, init=False)  # the DeepSpeed file in use
     output_dir_auto: bool = field(default=False, init=False)  # main() puts checkpoints in the run folder
     # Defaults that differ from SFTConfig's, each with its reason.
@@ -132,9 +169,17 @@ class TrainConfig(SFTConfig):
                 )
             else:
                 self.gradient_accumulation_steps = self.global_batch_size // per_step
-        self.deepspeed, self.ds_config_path = resolve_ds_config(
-            self.deepspeed, self.zero_stage, self.nvme_path, problems
-        )
+        if self.eval_only:
+            # a saved model, one process, no optimizer: DeepSpeed has nothing to do (and its stage-2
+            # engine cannot evaluate without training)
+            if int(os.environ["WORLD_SIZE"]) > 1:
+                problems.append("--eval_only runs in one process: start it with `python train_ds.py --eval_only ...`, "
+                                "not a multi-process launcher.")
+            self.deepspeed, self.ds_config_path, self.compile_layers = None, None, "false"
+        else:
+            self.deepspeed, self.ds_config_path = resolve_ds_config(
+                self.deepspeed, self.zero_stage, self.nvme_path, problems
+            )
         import torch
 
         cuda = torch.cuda.is_available()
@@ -150,6 +195,11 @@ class TrainConfig(SFTConfig):
             self.bf16, self.fp16, cuda, cuda and torch.cuda.is_bf16_supported()
         )
         problems += precision_problems
+        problems += nvme_problems(self.deepspeed)
+        zero = (self.deepspeed or {}).get("zero_optimization", {}).get("stage", 0) if self.deepspeed else None
+        self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
+                                                   zero, cuda)
+        problems += speed_problems
         if problems:
             raise ConfigError(problems)
         super().__post_init__()
@@ -230,6 +280,32 @@ def resolve_ds_config(
                 section["nvme_path"] = nvme
     path = path.resolve()
     return config, str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+
+
+def aio_available() -> bool:
+    """Whether DeepSpeed's async_io op (NVMe offload) can build here: it needs libaio."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return bool(AsyncIOBuilder().is_compatible(verbose=False))
+
+
+def nvme_problems(config: dict | None, aio=aio_available) -> list[str]:
+    """NVMe offload needs libaio and a writable directory: say so before any weights load."""
+    zero = (config or {}).get("zero_optimization", {})
+    paths = {zero[k]["nvme_path"] for k in ("offload_optimizer", "offload_param")
+             if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme" and zero[k].get("nvme_path")}
+    if not paths:
+        return []
+    problems = []
+    for path in sorted(paths):
+        if not Path(path).is_dir() or not os.access(path, os.W_OK):
+            problems.append(f"NVMe offload path {path} is not a writable directory: create it "
+                            f"(mkdir -p {path}) on a local NVMe disk, or pass another --nvme_path.")
+    if not aio():
+        problems.append("NVMe offload needs DeepSpeed's async_io op, which needs libaio: install it "
+                        "(apt install libaio-dev, or conda install -c conda-forge libaio) and rerun, or use "
+                        "--zero_stage 3_offload (CPU memory instead of NVMe).")
+    return problems
 
 
 def make_parser() -> TrlParser:

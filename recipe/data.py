@@ -2,7 +2,8 @@
 
 Every format becomes one of TRL's two shapes:
 - prompt/completion (conversational lists of messages, or plain strings): loss on the completion only;
-- text: plain language modelling, loss on every token.
+- text: plain language modelling, loss on every token;
+- tokens: already tokenised rows (`input_ids`, a list of token ids), loss on every token.
 Chat `messages` rows train the last assistant turn; the turns before it are the prompt.
 """
 
@@ -16,6 +17,7 @@ from recipe.config import ConfigError
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_COLUMNS = {  # detection order: the first format whose columns are all present wins
+    "tokens": ("input_ids",),
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
@@ -139,6 +141,11 @@ def to_sft_row(row: dict, fmt: str, where: str = "row") -> dict:
         if not isinstance(text, str) or not text:
             raise ValueError(f"{where}: 'text' must be a non-empty string.")
         return {"text": text}
+    if fmt == "tokens":
+        ids = row.get("input_ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"{where}: 'input_ids' must be a non-empty list of token ids (integers >= 0).")
+        return {"input_ids": ids}
     raise ValueError(f"unknown dataset format {fmt!r}")
 
 

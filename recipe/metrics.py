@@ -2,7 +2,7 @@
 
 Model FLOPs per sequence of length s: 6·N·s + 12·L·h·s² (N: all parameters counted once,
 L layers, h hidden size); the second term is attention's score and value products. Padding is
-not counted: tokens are the attention-mask ones; packed rows are split at position_ids == 0.
+not counted: tokens are the attention-mask ones; packed rows restart position_ids at 0.
 """
 
 from __future__ import annotations
@@ -12,62 +12,77 @@ import time
 import torch
 
 
-def sequence_lengths(inputs: dict) -> list[int]:
-    """Real (non-padding) sequence lengths of one micro-batch, packed or padded."""
-    position_ids = inputs.get("position_ids")
+def token_stats(inputs: dict) -> tuple:
+    """(real tokens, sum of squared sequence lengths) of one micro-batch, as tensors on its device.
+
+    No host sync: with position_ids (restarting at 0 for each packed sequence) sum(s^2) is the sum
+    over real tokens of (2*position + 1); without, the attention mask's row sums are the lengths.
+    """
     input_ids = inputs["input_ids"]
-    if position_ids is not None and input_ids.shape[0] == 1:
-        # padding-free / packed: a new sequence starts wherever position_ids resets to 0
-        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-        if starts:
-            ends = starts[1:] + [position_ids.shape[1]]
-            return [e - s for s, e in zip(starts, ends)]
+    position_ids = inputs.get("position_ids")
     mask = inputs.get("attention_mask")
+    if position_ids is not None:
+        terms = 2 * position_ids.to(torch.float64) + 1
+        if mask is None:
+            return torch.tensor(position_ids.numel(), device=input_ids.device), terms.sum()
+        return mask.sum(), (terms * mask).sum()
     if mask is None:
-        return [input_ids.shape[1]] * input_ids.shape[0]
-    return mask.sum(dim=1).tolist()
+        n, s = input_ids.shape
+        return torch.tensor(n * s, device=input_ids.device), torch.tensor(float(n * s * s), device=input_ids.device)
+    lengths = mask.sum(dim=1).to(torch.float64)
+    return lengths.sum(), (lengths * lengths).sum()
 
 
-def model_flops(lengths: list[int], n_params: int, n_layers: int, hidden: int) -> float:
-    """Forward + backward model FLOPs for sequences of these lengths."""
-    return float(sum(6 * n_params * s + 12 * n_layers * hidden * s * s for s in lengths))
+def model_flops(tokens: float, sum_sq_lengths: float, n_params: int, n_layers: int, hidden: int) -> float:
+    """Forward + backward model FLOPs: 6·N per token plus attention's 12·L·h·s² per sequence."""
+    return 6.0 * n_params * tokens + 12.0 * n_layers * hidden * sum_sq_lengths
 
 
 class ThroughputMeter:
-    """Counts tokens and FLOPs per micro-batch on this rank; reports rates per logging interval."""
+    """Counts tokens and FLOPs per micro-batch on this rank; reports rates per logging interval.
+
+    Counting stays on the device (no sync per step); the numbers are read at each log, where the
+    Trainer synchronises anyway. Intervals are back to back: the first starts at the first batch.
+    """
 
     def __init__(self, n_params: int, n_layers: int, hidden: int, peak_tflops: float | None, cuda: bool):
         self.n_params, self.n_layers, self.hidden = n_params, n_layers, hidden
         self.peak_tflops = peak_tflops
         self.cuda = cuda
         self.history: list[dict] = []
+        self.start = None
         self._reset()
 
     def _reset(self):
-        self.tokens, self.flops = 0, 0.0
-        self.start = None  # the interval starts at its first micro-batch, not at set-up
+        self.tokens, self.sum_sq = 0, 0.0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
     def add_batch(self, inputs: dict) -> None:
         if self.start is None:
             self.start = time.perf_counter()
-        lengths = sequence_lengths(inputs)
-        self.tokens += int(sum(lengths))
-        self.flops += model_flops(lengths, self.n_params, self.n_layers, self.hidden)
+        tokens, sum_sq = token_stats(inputs)
+        self.tokens = self.tokens + tokens
+        self.sum_sq = self.sum_sq + sum_sq
 
     def report(self) -> dict:
         """Rates since the last report (a logging interval), then start a new interval."""
-        elapsed = max(time.perf_counter() - (self.start or time.perf_counter()), 1e-9)
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed = max(now - (self.start or now), 1e-9)
+        tokens, sum_sq = float(self.tokens), float(self.sum_sq)
+        flops = model_flops(tokens, sum_sq, self.n_params, self.n_layers, self.hidden)
         out = {
-            "tokens_per_second_per_device": self.tokens / elapsed,
-            "tflops_per_device": self.flops / elapsed / 1e12,
+            "tokens_per_second_per_device": tokens / elapsed,
+            "tflops_per_device": flops / elapsed / 1e12,
         }
         if self.peak_tflops:
             out["mfu"] = out["tflops_per_device"] / self.peak_tflops
         if self.cuda:
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.history.append(out)
+        self.start = now
         self._reset()
         return out
 
@@ -86,3 +101,13 @@ class ThroughputMeter:
 def count_params(model) -> int:
     """All parameters counted once (ZeRO-3 partitions report their full size through ds_numel)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def meter_for(model) -> ThroughputMeter:
+    """A meter for this model on this process's device (MFU against the detected GPU's peak)."""
+    from recipe.hardware import peak_tflops
+
+    cuda = torch.cuda.is_available()
+    config = model.config
+    return ThroughputMeter(count_params(model), config.num_hidden_layers, config.hidden_size,
+                           peak_tflops(torch.cuda.get_device_name() if cuda else None), cuda)

@@ -59,8 +59,8 @@ def tiny_config(vocab_size: int):
 
 
 def load_tokenizer(model_name_or_path: str | None, revision: str = "main", trust_remote_code: bool = False):
-    """The model's tokenizer with a chat template and a pad token guaranteed."""
-    if model_name_or_path is None:
+    """The model's tokenizer with a chat template and a pad token guaranteed ('tiny' or None: the built-in one)."""
+    if model_name_or_path in (None, "tiny"):
         return build_tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -92,8 +92,11 @@ def model_error(name: str, error: Exception) -> str:
            "Check the id, your network, or HF_HUB_OFFLINE with a local path."
 
 
-def load_model(model_args, training_args, tokenizer):
-    """Load weights (or build the tiny default). Call after TrainingArguments so ZeRO-3 partitions at load."""
+def load_model(model_args, training_args, tokenizer, random_init: bool = False):
+    """Load weights (or build the tiny default, or random weights from a config).
+
+    Call after TrainingArguments so ZeRO-3 partitions at load.
+    """
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
@@ -128,6 +131,8 @@ def load_model(model_args, training_args, tokenizer):
         return partitioned
     kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                   attn_implementation=model_args.attn_implementation or "sdpa", dtype=dtype)
+    if random_init:
+        return random_model(model_args.model_name_or_path, kwargs, training_args.seed)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as e:
@@ -135,3 +140,29 @@ def load_model(model_args, training_args, tokenizer):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def random_model(name: str, kwargs: dict, seed: int):
+    """Random weights in the shape of `name`'s config (a folder, a config.json, or a hub id)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    path = Path(name)
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path),
+                                            revision=kwargs["revision"], trust_remote_code=kwargs["trust_remote_code"])
+    except OSError as e:
+        raise ConfigError([f"--random_init: cannot read a model config from {name} ({str(e).splitlines()[0]}). "
+                           "Point --model_name_or_path at a folder with config.json."]) from None
+    config._attn_implementation = kwargs["attn_implementation"]
+    set_seed(seed)
+    dtype = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else torch.float32
+    if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
+        # initialise on this process's GPU: seconds instead of a minute on the CPU for billions of weights
+        import os
+
+        with torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                    trust_remote_code=kwargs["trust_remote_code"])
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=kwargs["trust_remote_code"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
 from recipe.report import write_json
@@ -13,10 +13,10 @@ from recipe.report import write_json
 logger = logging.getLogger(__name__)
 
 
-class RecipeTrainer(SFTTrainer):
-    """Adds tokens/s/device, TFLOP/s/device, MFU and peak memory to every training log."""
+class ThroughputMixin:
+    """For any Trainer: tokens/s/device, TFLOP/s/device, MFU and peak memory in every training log."""
 
-    meter = None  # a metrics.ThroughputMeter, set by main()
+    meter = None  # a metrics.ThroughputMeter, set after construction
 
     def training_step(self, model, inputs, *args, **kwargs):
         if self.meter is not None:
@@ -29,6 +29,21 @@ class RecipeTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
+class RecipeTrainer(ThroughputMixin, SFTTrainer):
+    """SFTTrainer with live throughput metrics and the recipe's fused-loss choice."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.token_metrics and self.args.speed.get("fused_loss") == "trl":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The model computes its own loss without full logits: Liger's fused linear cross-entropy
+        # (recipe.speed patched the forward) or TRL's chunked head. Trainer.compute_loss passes
+        # num_items_in_batch, so gradient accumulation averages over all tokens, with no host sync.
+        inputs["use_cache"] = False
+        if self.args.speed.get("fused_loss") == "trl":
+            inputs["fused_lm_head"] = True
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
 class HeldoutCallback(TrainerCallback):
     """Exact-match score of greedy generations on held-out rows, before and after training.
 
@@ -39,17 +54,17 @@ class HeldoutCallback(TrainerCallback):
         self.tokenizer, self.rows, self.max_new_tokens, self.synced_gpus = tokenizer, rows, max_new_tokens, synced_gpus
         self.scores: dict[str, float] = {}
 
-    def _score(self, model) -> float:
+    def score(self, model) -> float:
         from recipe.task import heldout_score
 
         return heldout_score(model, self.tokenizer, self.rows, self.max_new_tokens, synced_gpus=self.synced_gpus)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.scores["heldout_score_before"] = self._score(model)
+        self.scores["heldout_score_before"] = self.score(model)
         logger.info("held-out exact match before training: %.3f", self.scores["heldout_score_before"])
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.scores["heldout_score_after"] = self._score(model)
+        self.scores["heldout_score_after"] = self.score(model)
         logger.info("held-out exact match after training: %.3f", self.scores["heldout_score_after"])
 
 

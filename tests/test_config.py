@@ -125,6 +125,18 @@ def test_nvme_needs_a_path(monkeypatch, tmp_path):
     assert config["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path)
 
 
+def test_nvme_checks_libaio_and_the_directory(tmp_path):
+    from recipe.config import nvme_problems
+
+    problems = []
+    config, _ = resolve_ds_config(None, "3_nvme", str(tmp_path), problems)
+    assert nvme_problems(config, aio=lambda: True) == []
+    assert "libaio" in nvme_problems(config, aio=lambda: False)[0]
+    missing, _ = resolve_ds_config(None, "3_nvme", str(tmp_path / "nope"), [])
+    assert "mkdir -p" in nvme_problems(missing, aio=lambda: True)[0]
+    assert nvme_problems(resolve_ds_config(None, "3_offload", None, [])[0], aio=lambda: False) == []
+
+
 def test_zero_stage_replaces_a_recipes_deepspeed():
     problems = []
     config, path = resolve_ds_config("ds_configs/stage2.json", "3", None, problems)

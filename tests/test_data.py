@@ -15,6 +15,7 @@ CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user",
 ALPACA = {"instruction": "add", "input": "1 2", "output": "3"}
 PC = {"prompt": "2+2=", "completion": "4"}
 TEXT = {"text": "plain text row"}
+TOKENS = {"input_ids": [5, 6, 7, 8]}
 
 
 def write(path, rows, kind):
@@ -37,7 +38,7 @@ def args_for(path, **kw):
 
 @pytest.mark.parametrize("row,kind,fmt", [
     (CHAT, "jsonl", "messages"), (ALPACA, "json", "alpaca"), (PC, "csv", "prompt_completion"),
-    (TEXT, "parquet", "text"),
+    (TEXT, "parquet", "text"), (TOKENS, "parquet", "tokens"),
 ])
 def test_each_format_loads_from_its_file_type(tmp_path, row, kind, fmt):
     path = write(tmp_path / f"d.{kind}", [row] * 50, kind)
@@ -125,3 +126,24 @@ def test_shipped_data_is_what_make_data_writes(tmp_path):
         assert (tmp_path / name).read_text() == (REPO_ROOT / "data" / name).read_text()
     words = lambda f: {json.loads(l)["messages"][1]["content"] for l in (tmp_path / f).read_text().splitlines()}
     assert not words("train.jsonl") & words("test.jsonl")
+
+
+def test_pretokenised_rows_pass_through_sft_untouched(tmp_path, tiny_tokenizer):
+    """tokens rows reach the collator as they are: no template, no EOS added, loss on every token."""
+    from trl import SFTConfig, SFTTrainer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = write(tmp_path / "t.parquet", [TOKENS] * 8, "parquet")
+    train, _, fmt = build_datasets(args_for(path, eval_split_ratio=0), seed=0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True),
+                         train_dataset=train, processing_class=tiny_tokenizer)
+    assert trainer.train_dataset[0]["input_ids"] == TOKENS["input_ids"]
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert batch["labels"].tolist() == [TOKENS["input_ids"]]
+
+
+def test_bad_token_row():
+    with pytest.raises(ValueError, match="input_ids"):
+        to_sft_row({"input_ids": ["a", "b"]}, "tokens", "row 3")

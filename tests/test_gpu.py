@@ -8,9 +8,10 @@ import math
 import pytest
 
 from conftest import check_ok, launch, only_run_dir, read_summary, train_losses
+from recipe.config import aio_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-CONFIGS = ["0", "1", "2", "3", "2_offload", "3_offload"]
+CONFIGS = ["0", "1", "2", "3", "2_offload", "3_offload", "3_nvme"]
 STEPS = ["--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
          "--heldout_max_samples", "8", "--seed", "0"]
 
@@ -26,8 +27,14 @@ def gpus() -> int:
 def test_ds_config_on_gpus(tmp_path, stage, nproc):
     if gpus() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
-    check_ok(launch([*STEPS, "--max_steps", "2", "--zero_stage", stage], tmp_path, nproc=nproc,
-                    launcher="deepspeed" if nproc > 1 else "python", env={"NCCL_NVLS_ENABLE": "0"}))
+    proc = launch([*STEPS, "--max_steps", "2", "--zero_stage", stage, "--nvme_path", str(tmp_path)], tmp_path / "r",
+                  nproc=nproc, launcher="deepspeed" if nproc > 1 else "python", env={"NCCL_NVLS_ENABLE": "0"})
+    if stage == "3_nvme" and not aio_available():
+        # no libaio here: refused at start with the remedy, nothing trained
+        assert proc.returncode == 2 and "libaio" in proc.stderr, proc.stderr[-2000:]
+        return
+    check_ok(proc)
+    tmp_path = tmp_path / "r"
     summary = read_summary(tmp_path)
     assert summary["precision"] == "bf16" and summary["global_step"] == 2
     assert math.isfinite(summary["train_loss"]) and summary["peak_memory_gib"] > 0

@@ -1,0 +1,75 @@
+"""Speed options: Liger kernels, the fused loss, per-layer torch.compile.
+
+Each is a flag (TrainConfig) with "auto" choosing the fast option where it is known to work:
+
+- fused_loss: how the LM-head loss avoids materialising (batch, seq, vocab) logits.
+  'liger': Liger's fused linear cross-entropy, gradients computed in the forward (one pass over
+  the head); 'trl': TRL's chunked LM head (recomputes the head in backward; gathers the head under
+  ZeRO-3, and logs token accuracy and entropy). auto: liger on CUDA below ZeRO-3, else trl.
+- compile_layers: torch.compile each decoder layer (fuses RMSNorm, SwiGLU, RoPE and the residual
+  adds; one compiled graph serves every layer). auto: on with CUDA below ZeRO-3 (ZeRO-3's
+  parameter hooks inside a layer split the graph).
+- liger_kernels: Liger's RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA where layers are not
+  compiled (compiled layers fuse these themselves).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+logger = logging.getLogger(__name__)
+
+AUTO_TRUE_FALSE = ["auto", "true", "false"]
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero_stage: int | None,
+                  cuda: bool, liger: bool | None = None) -> tuple[dict, list[str]]:
+    """Decide the speed options from the flags and the hardware: (choices, problems)."""
+    liger = liger_available() if liger is None else liger
+    problems = []
+    below_z3 = zero_stage is None or zero_stage < 3
+    if fused_loss == "auto":
+        fused_loss = "liger" if cuda and liger and below_z3 else "trl"
+    elif fused_loss == "liger":
+        if not liger:
+            problems.append("--fused_loss liger needs liger-kernel: `uv sync` installs it on Linux, or use --fused_loss trl.")
+        if not cuda:
+            problems.append("--fused_loss liger needs a CUDA GPU (Triton kernels): use --fused_loss trl on CPU.")
+        if not below_z3:
+            problems.append("--fused_loss liger reads the LM head's weight outside its module, which ZeRO-3 keeps "
+                            "partitioned: use --fused_loss trl (it gathers the head) with ZeRO-3.")
+    compile_on = compile_layers == "true" or (compile_layers == "auto" and cuda and below_z3)
+    liger_on = liger_kernels == "true" or (liger_kernels == "auto" and cuda and liger and not compile_on)
+    if liger_kernels == "true" and not (cuda and liger):
+        problems.append("--liger_kernels true needs liger-kernel and a CUDA GPU: use --liger_kernels false.")
+    return {"fused_loss": fused_loss, "compile_layers": compile_on, "liger_kernels": liger_on}, problems
+
+
+def apply_speed(model, choices: dict) -> None:
+    """Patch the model in place (before the Trainer wraps it); state-dict keys stay unchanged."""
+    if choices["liger_kernels"] or choices["fused_loss"] == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        on = choices["liger_kernels"]
+        _apply_liger_kernel_to_instance(model=model, rope=on, rms_norm=on, swiglu=on, cross_entropy=False,
+                                        fused_linear_cross_entropy=choices["fused_loss"] == "liger")
+    if choices["compile_layers"]:
+        layers = decoder_layers(model)
+        if layers is None:
+            logger.warning("compile_layers: no decoder layer list found on %s; running eager.", type(model).__name__)
+            return
+        for layer in layers:
+            layer.compile()  # in place: parameter names (checkpoints) unchanged
+        logger.info("compile_layers: %d decoder layers compiled (first steps are slower while it compiles).",
+                    len(layers))
+
+
+def decoder_layers(model):
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(base, "layers", None)
+    return layers if layers is not None and len(layers) else None

@@ -1,0 +1,234 @@
+"""Throughput benchmark: ZeRO stages x GPU counts x batch sizes, beside the common-recipe baseline.
+
+Runs train_ds.py through scripts/train.sh (random weights in a model's shape, random tokens,
+fixed sequence length) and, with --baseline, scripts/baseline_hf_trainer.py (HF Trainer + the
+guides' ZeRO-2 JSON) on the same data. Writes results/benchmarks/<date>_<gpu>/: results.md (the
+table), results.png (the chart), results.json (one row per run) and logs/.
+
+    uv run python scripts/benchmark.py --model configs/models/llama-3.2-1b --stages 2,3 --gpus 1 \\
+        --batch_sizes 4,8,16 --baseline
+    uv run python scripts/benchmark.py --gpus 1,2,4 --stages 2,3 --batch_sizes 8   # scaling
+    uv run python scripts/benchmark.py --variant eager="--compile_layers false" --stages 2 --gpus 1
+
+Throughput numbers are the means over logging intervals after the first (compilation, warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--model", default="configs/models/llama-3.2-1b", help="folder with config.json (random weights)")
+    p.add_argument("--stages", default="2", help="comma list of ds_configs (0,1,2,3,2_offload,3_offload,3_nvme)")
+    p.add_argument("--gpus", default="1", help="comma list of GPU counts")
+    p.add_argument("--batch_sizes", default="8", help="comma list of per-GPU micro-batch sizes")
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--max_steps", type=int, default=30)
+    p.add_argument("--logging_steps", type=int, default=5)
+    p.add_argument("--baseline", action="store_true", help="add the common recipe (HF Trainer + ZeRO-2 JSON)")
+    p.add_argument("--baseline_batch_sizes", default="4", help="comma list for the baseline rows")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="extra train_ds.py flags as a named row set (repeatable); default: one set, no flags")
+    p.add_argument("--out", default=None, help="default results/benchmarks/<date>_<gpu>")
+    p.add_argument("--work_dir", default="/tmp/recipe-benchmark", help="data, model folder and run outputs")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    return p.parse_args(argv)
+
+
+def gpu_name() -> tuple[str, int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", 0
+    return torch.cuda.get_device_name(), torch.cuda.device_count()
+
+
+def make_data(path: Path, rows: int, seq_len: int, vocab: int) -> None:
+    """Random token ids, a fixed length: the speed benchmark needs no text."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len), dtype=np.int64)
+    pq.write_table(pa.table({"input_ids": list(ids)}), path)
+
+
+def ours_cmd(model: Path, data: Path, stage: str, gpus: int, batch: int, a, run_dir: Path, extra: list[str]):
+    return [str(ROOT / "scripts" / "train.sh"), "--num_gpus", str(gpus),
+            "--model_name_or_path", str(model), "--random_init", "true", "--tokenizer_name_or_path", "tiny",
+            "--dataset_name", str(data), "--eval_split_ratio", "0", "--eval_strategy", "no",
+            *([] if "--deepspeed" in extra else ["--zero_stage", stage]), "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+            "--max_length", str(a.seq_len), "--max_steps", str(a.max_steps), "--logging_steps", str(a.logging_steps),
+            "--learning_rate", "1e-5", "--save_strategy", "no", "--save_final_model", "false",
+            "--heldout_eval", "false", "--report_to", "none", "--seed", "0",
+            "--results_dir", str(run_dir.parent), "--run_name", run_dir.name, *extra]
+
+
+def baseline_cmd(model: Path, data: Path, gpus: int, batch: int, a, run_dir: Path):
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, f"--num_gpus={gpus}", f"--master_port={29600 + gpus}",
+            str(ROOT / "scripts" / "baseline_hf_trainer.py"), "--model", str(model), "--data", str(data),
+            "--batch_size", str(batch), "--max_steps", str(a.max_steps), "--logging_steps", str(a.logging_steps),
+            "--run_dir", str(run_dir)]
+
+
+def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: int) -> tuple[dict | None, str]:
+    log = log_dir / f"{name}.log"
+    print(f"+ {shlex.join(cmd)}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    try:
+        with log.open("w") as f:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return None, f"timeout after {timeout}s"
+    summary = run_dir / "summary.json"
+    if rc == 0 and summary.exists():
+        return json.loads(summary.read_text()), "ok"
+    text = log.read_text(errors="replace")
+    if "out of memory" in text.lower():
+        return None, "out of GPU memory"
+    errors = [line for line in text.splitlines() if re.search(r"Error|error:", line)]
+    return None, f"exit {rc}: {errors[-1][:200] if errors else 'see log'}"
+
+
+def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, cmd) -> dict:
+    s = summary or {}
+    tps = s.get("tokens_per_second_per_device")
+    return {
+        "name": name, "variant": variant, "gpu": gpu, "num_gpus": gpus, "zero_stage": stage, "batch_size": batch, "seq_len": seq_len,
+        "tokens_per_second_per_gpu": tps, "tflops_per_gpu": s.get("tflops_per_device"), "mfu": s.get("mfu"),
+        "peak_memory_gib": s.get("peak_memory_gib"), "step_time_s": batch * seq_len / tps if tps else None,
+        "loss": s.get("train_loss"), "status": status,
+        "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "gradient_checkpointing")
+                    if k in s},
+        "command": shlex.join(cmd),
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Scaling (per-GPU tokens/s over the same row set on 1 GPU) and speed-up over the baseline."""
+    one = {(r["variant"], r["zero_stage"], r["batch_size"]): r["tokens_per_second_per_gpu"]
+           for r in rows if r["num_gpus"] == 1 and r["tokens_per_second_per_gpu"]}
+    base = {}  # the first baseline row per GPU count (the guides' batch size comes first)
+    for r in rows:
+        if r["variant"] == "baseline" and r["tokens_per_second_per_gpu"]:
+            base.setdefault(r["num_gpus"], r["tokens_per_second_per_gpu"])
+    for r in rows:
+        tps = r["tokens_per_second_per_gpu"]
+        ref = one.get((r["variant"], r["zero_stage"], r["batch_size"]))
+        r["scaling_vs_1gpu"] = tps / ref if tps and ref and r["num_gpus"] > 1 else None
+        b = base.get(r["num_gpus"])
+        r["speedup_vs_baseline"] = tps / b if tps and b else None
+
+
+def fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def write_table(rows: list[dict], path: Path, header: str) -> None:
+    lines = [header, "",
+             "| run | GPUs | ZeRO | batch/GPU | seq | step (s) | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem (GiB) "
+             "| loss | vs baseline | scaling vs 1 GPU | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['num_gpus']} | {r['zero_stage']} | {r['batch_size']} | {r['seq_len']} "
+            f"| {fmt(r['step_time_s'], '.3f')} | {fmt(r['tokens_per_second_per_gpu'], ',.0f')} "
+            f"| {fmt(r['tflops_per_gpu'], '.0f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
+            f"| {fmt(r['peak_memory_gib'], '.1f')} | {fmt(r['loss'], '.3f')} "
+            f"| {fmt(r['speedup_vs_baseline'], '.2f')}{'x' if r['speedup_vs_baseline'] else ''} "
+            f"| {fmt(r['scaling_vs_1gpu'] and 100 * r['scaling_vs_1gpu'], '.1f')}{'%' if r['scaling_vs_1gpu'] else ''} "
+            f"| {r['status']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["tokens_per_second_per_gpu"]]
+    if not done:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(done) + 2), 4.5))
+    colors = ["tab:gray" if r["variant"] == "baseline" else "tab:blue" for r in done]
+    bars = ax.bar(range(len(done)), [r["tokens_per_second_per_gpu"] / 1e3 for r in done], color=colors)
+    for bar, r in zip(bars, done):
+        if r["mfu"]:
+            ax.annotate(f"{100 * r['mfu']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(done)), [r["name"] for r in done], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("thousand tokens/s per GPU (label: MFU)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    a = parse_args(argv)
+    from recipe.report import git_commit, write_json
+
+    gpu, visible = gpu_name()
+    stages = a.stages.split(",")
+    gpu_counts = [int(g) for g in a.gpus.split(",")]
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    base_batches = [int(b) for b in a.baseline_batch_sizes.split(",")] if a.baseline else []
+    if visible and max(gpu_counts) > visible:
+        sys.exit(f"error: --gpus asks for {max(gpu_counts)} GPUs but {visible} are visible.")
+    variants = [v.split("=", 1) for v in a.variant] or [["ours", ""]]
+    date = dt.date.today().isoformat()
+    out = Path(a.out or ROOT / "results" / "benchmarks" / f"{date}_{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}")
+    work = Path(a.work_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    model = (ROOT / a.model).resolve() if not Path(a.model).is_absolute() else Path(a.model)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    rows_needed = a.max_steps * max(batches + base_batches) * max(gpu_counts)
+    data = work / f"tokens_{a.seq_len}_{vocab}_{rows_needed}.parquet"
+    make_data(data, rows_needed, a.seq_len, vocab)
+
+    rows = []
+    plan = [("baseline", None, g, b, []) for g in gpu_counts for b in base_batches]
+    plan += [(name, s, g, b, shlex.split(flags)) for name, flags in variants
+             for s in stages for g in gpu_counts for b in batches]
+    for name, stage, gpus, batch, extra in plan:
+        run_name = f"{name}_z{stage or 2}_g{gpus}_b{batch}"
+        run_dir = work / "runs" / run_name
+        cmd = (baseline_cmd(model, data, gpus, batch, a, run_dir) if stage is None
+               else ours_cmd(model, data, stage, gpus, batch, a, run_dir, extra))
+        summary, status = run_one(run_name, cmd, run_dir, out / "logs", a.timeout)
+        row = row_from(run_name, name, summary, status, gpu, gpus, stage or "2", batch, a.seq_len, cmd)
+        rows.append(row)
+        print(f"  {run_name}: {status}, {fmt(row['tokens_per_second_per_gpu'], ',.0f')} tokens/s/GPU, "
+              f"MFU {fmt(row['mfu'], '.3f')}, peak {fmt(row['peak_memory_gib'], '.1f')} GiB", flush=True)
+    add_ratios(rows)
+    commit = git_commit()
+    header = (f"# Benchmark {date}: {gpu}\n\nmodel shape `{a.model}` (random weights), random tokens, seq {a.seq_len}, "
+              f"{a.max_steps} steps (means over logging intervals after the first), commit `{commit}`.\n\n"
+              f"Command: `python scripts/benchmark.py {shlex.join(sys.argv[1:] if argv is None else argv)}`")
+    write_json(out / "results.json", rows)
+    write_table(rows, out / "results.md", header)
+    write_chart(rows, out / "results.png", f"{gpu}, {Path(a.model).name}, seq {a.seq_len}, {date}")
+    print((out / "results.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
