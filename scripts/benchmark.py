@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="default results/benchmarks/<date>_<gpu>")
     p.add_argument("--work_dir", default="/tmp/recipe-benchmark", help="data, model folder and run outputs")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="no runs: combine earlier results.json files into one report in --out")
+    p.add_argument("--title", default=None, help="report heading (with --merge)")
     return p.parse_args(argv)
 
 
@@ -182,8 +185,25 @@ def write_chart(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def merge(a) -> list[dict]:
+    """One report from several runs of this script (say, one per machine size), ratios recomputed."""
+    from recipe.report import write_json
+
+    rows = [r for path in a.merge for r in json.loads(Path(path).read_text())]
+    add_ratios(rows)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", rows)
+    header = a.title or f"# Benchmark: {', '.join(sorted({r['gpu'] for r in rows}))}"
+    write_table(rows, out / "results.md", header)
+    write_chart(rows, out / "results.png", header.lstrip("# ").splitlines()[0])
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
+    if a.merge:
+        return merge(a)
     from recipe.report import git_commit, write_json
 
     gpu, visible = gpu_name()

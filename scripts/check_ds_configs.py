@@ -109,7 +109,7 @@ def schedule(a, jobs: list[tuple[str, int]], total_gpus: int) -> list[dict]:
         try:
             print(f"start stage{stage} on GPUs {ids}", flush=True)
             row = run_job(a, stage, ids, port)
-            print(f"done  stage{stage} x{n}: {row['status']}", flush=True)
+            print(f"done  stage{stage} x{n}: {json.dumps(row)}", flush=True)
             return row
         finally:
             with cond:

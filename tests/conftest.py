@@ -37,7 +37,9 @@ def launch(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = "
     if launcher == "python":
         cmd = [sys.executable, *script]
     elif launcher == "deepspeed":
-        cmd = [str(bindir / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", *script]
+        ds = [str(bindir / "deepspeed")] if (bindir / "deepspeed").exists() else [sys.executable, "-m",
+                                                                                  "deepspeed.launcher.runner"]
+        cmd = [*ds, f"--num_gpus={nproc}", f"--master_port={free_port()}", *script]
     elif launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *script]
     else:
