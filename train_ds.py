@@ -54,7 +54,6 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 
 def main(script_args, training_args, model_args) -> dict:
-    import torch
     from trl import get_peft_config
 
     from recipe import data, hardware, metrics, modeling, report, speed

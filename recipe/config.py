@@ -196,7 +196,7 @@ class TrainConfig(SFTConfig):
         )
         problems += precision_problems
         problems += nvme_problems(self.deepspeed)
-        zero = (self.deepspeed or {}).get("zero_optimization", {}).get("stage", 0) if self.deepspeed else None
+        zero = self.deepspeed.get("zero_optimization", {}).get("stage", 0) if self.deepspeed else None
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                                                    zero, cuda)
         problems += speed_problems
