@@ -169,6 +169,7 @@ def main(script_args, training_args, model_args) -> dict:
         "git_commit": commit,
         "peak_memory_gib": None,
         **trainer.meter.averages(),
+        "cpu_peak_rss_gib": report.peak_rss_gib(),  # this process (rank 0); offload keeps optimizer states here
         **(heldout.scores if heldout is not None else {}),
     }
     if is_main:

@@ -81,6 +81,7 @@ class ThroughputMeter:
             out["mfu"] = out["tflops_per_device"] / self.peak_tflops
         if self.cuda:
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         self.history.append(out)
         self.start = now
         self._reset()
@@ -91,10 +92,9 @@ class ThroughputMeter:
         rows = self.history[1:] if len(self.history) > 1 else self.history
         if not rows:
             return {}
-        keys = [k for k in rows[0] if k != "peak_memory_gib"]
-        out = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-        if "peak_memory_gib" in rows[0]:
-            out["peak_memory_gib"] = max(r["peak_memory_gib"] for r in self.history)
+        peaks = ("peak_memory_gib", "peak_reserved_gib")
+        out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in peaks}
+        out.update({k: max(r[k] for r in self.history) for k in peaks if k in rows[0]})
         return out
 
 

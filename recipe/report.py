@@ -92,3 +92,10 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
 
 def last_logged(log_history: list[dict], key: str):
     return next((r[key] for r in reversed(log_history) if key in r), None)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident CPU memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -91,25 +91,25 @@ def run_job(a, stage: str, gpu_ids: list[int], port: int) -> dict:
     return row
 
 
-def schedule(a, jobs: list[tuple[str, int]], total_gpus: int) -> list[dict]:
-    """Run jobs on disjoint GPU sets, as many at once as fit."""
+def schedule(jobs: list, total_gpus: int, run, gpus_of=lambda job: job[1]) -> list[dict]:
+    """run(job, gpu_ids, port) for every job on disjoint GPU sets, as many at once as fit; rows in job order."""
     from concurrent.futures import ThreadPoolExecutor
     import threading
 
     free = list(range(total_gpus))
     cond = threading.Condition()
-    ports = iter(range(29510, 29600))
+    ports = iter(range(29510, 29700))
 
     def worker(job):
-        stage, n = job
+        n = gpus_of(job)
         with cond:
             cond.wait_for(lambda: len(free) >= n)
             ids = [free.pop(0) for _ in range(n)]
             port = next(ports)
         try:
-            print(f"start stage{stage} on GPUs {ids}", flush=True)
-            row = run_job(a, stage, ids, port)
-            print(f"done  stage{stage} x{n}: {json.dumps(row)}", flush=True)
+            print(f"start {job} on GPUs {ids}", flush=True)
+            row = run(job, ids, port)
+            print(f"done  {job}: {json.dumps(row)}", flush=True)
             return row
         finally:
             with cond:
@@ -135,7 +135,7 @@ def main(argv=None):
     stages = a.configs.split(",") if a.configs else [n.removeprefix("stage") for n in ds_config_names()]
     counts = [int(g) for g in a.gpus.split(",") if int(g) <= total]
     jobs = sorted(((s, n) for s in stages for n in counts), key=lambda j: -j[1])  # widest first
-    rows = schedule(a, jobs, total)
+    rows = schedule(jobs, total, lambda job, ids, port: run_job(a, job[0], ids, port))
     gpu = torch.cuda.get_device_name()
     write_json(Path(a.out) / "ds_configs.json", rows)
     lines = [f"# Every ds_config on {gpu}: train {a.max_steps} steps, save, reload, same eval loss", "",
