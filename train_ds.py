@@ -79,6 +79,9 @@ def main(script_args, training_args, model_args) -> dict:
                 training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world,
                 training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
 
+    if training_args.dry_run:
+        return dry_run(training_args, model_args, run_dir, is_main)
+
     # ── data ────────────────────────────────────────────────────────────────
     with training_args.main_process_first(desc="load and format the dataset"):
         train_ds, eval_ds, fmt = data.build_datasets(script_args, training_args.seed)
@@ -178,6 +181,35 @@ def main(script_args, training_args, model_args) -> dict:
         trainer.save_state()
         logger.info("results in %s:\n%s", run_dir, "\n".join(f"  {k}: {v}" for k, v in summary.items()))
     return summary
+
+
+def dry_run(training_args, model_args, run_dir: Path, is_main: bool) -> dict:
+    """--dry_run: the configuration has passed its checks; estimate memory, recommend, stop. No weights load."""
+    from recipe import estimate, report
+
+    shape = estimate.load_shape(model_args.model_name_or_path, model_args.model_revision,
+                                training_args.trust_remote_code)
+    work = estimate.run_workload(training_args, model_args)
+    configs = estimate.shipped_configs()
+    this = Path(training_args.ds_config_path).stem if training_args.ds_config_path else "this run"
+    configs.setdefault(this, training_args.deepspeed)  # a user's own file is estimated too
+    hw = estimate.run_hardware()
+    if hw is None:  # estimates per GPU still hold; whether they fit needs a GPU's memory
+        hw = estimate.Hardware(training_args.world_size, 0.0, gpu_name="(no CUDA GPU here)")
+        rows = [estimate.estimate(shape, c, hw, work, n) for n, c in configs.items()]
+        rec = estimate.Recommendation(None, 0, False, "no CUDA GPU here, so no GPU memory to fit: run "
+                                      "scripts/estimate_memory.py --model ... --gpus N --gpu_memory_gib G")
+        text = estimate.format_table(rows) + f"\n\nRecommended: {rec.reason}."
+    else:
+        rows, rec = estimate.plan(shape, hw, work, configs)
+        text = estimate.report(shape, hw, work, rows, rec)
+    result = estimate.to_json(shape, hw, work, rows, rec)
+    result["this_run"] = next(estimate.gib_row(r) for r in rows if r["config"] == this)
+    if is_main:
+        report.write_json(run_dir / "memory_estimate.json", result)
+        logger.info("dry run: %s with %s\n%s\nThis run (%s): %.1f GiB per GPU. Written: %s",
+                    shape.name, this, text, this, result["this_run"]["gpu_peak"], run_dir / "memory_estimate.json")
+    return result
 
 
 def wants_heldout(script_args) -> bool:

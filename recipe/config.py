@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from recipe import REPO_ROOT
+from recipe.ds_check import check_ds_config
 from recipe.hardware import ensure_distributed_env, fix_cuda_arch_list, resolve_precision
 from recipe.speed import resolve_speed
 
+logger = logging.getLogger(__name__)
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
 DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "stage2.json"
@@ -100,7 +103,8 @@ class TrainConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Shorthand for --deepspeed ds_configs/stage<N>.json (and replacing it): 0, 1, 2, 3, "
-            "2_offload, 3_offload, 3_nvme."
+            "2_offload, 3_offload, 3_nvme; 'auto': the fastest that fits this model on these GPUs (memory "
+            "estimate), lowering the micro-batch or turning on gradient checkpointing if it must, and saying why."
         },
     )
     nvme_path: str | None = field(
@@ -137,6 +141,12 @@ class TrainConfig(SFTConfig):
         default=False,
         metadata={"help": "Evaluate --model_name_or_path (a saved run's model/ folder, say) on the eval set: eval "
                   "loss, perplexity and, for the default task, the held-out score. No training, no DeepSpeed."},
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Preflight: check the configuration, estimate GPU and CPU memory of this run under every "
+                  "shipped DeepSpeed config, recommend one, write <run dir>/memory_estimate.json and stop. No "
+                  "weights load, nothing trains."},
     )
     speed: dict = field(default_factory=dict, init=False)  # the resolved speed choices (recorded in the summary)
     ds_config_path: str | None = field(default=None, init=False)  # the DeepSpeed file in use
@@ -177,9 +187,9 @@ class TrainConfig(SFTConfig):
                                 "not a multi-process launcher.")
             self.deepspeed, self.ds_config_path, self.compile_layers = None, None, "false"
         else:
-            self.deepspeed, self.ds_config_path = resolve_ds_config(
-                self.deepspeed, self.zero_stage, self.nvme_path, problems
-            )
+            # 'auto' is settled in parse_args, which sees the model; until then stage 2 stands in
+            stage = "2" if self.zero_stage == "auto" else self.zero_stage
+            self.deepspeed, self.ds_config_path = resolve_ds_config(self.deepspeed, stage, self.nvme_path, problems)
         import torch
 
         cuda = torch.cuda.is_available()
@@ -196,6 +206,16 @@ class TrainConfig(SFTConfig):
         )
         problems += precision_problems
         problems += nvme_problems(self.deepspeed)
+        if self.deepspeed:
+            errors, warnings = check_ds_config(self.deepspeed, Path(self.ds_config_path or "ds_config.json").name, {
+                "bf16": self.bf16, "fp16": self.fp16, "optim": str(getattr(self.optim, "value", self.optim)),
+                "lr_scheduler_type": str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)),
+                "per_device_train_batch_size": self.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "world_size": int(os.environ["WORLD_SIZE"])})
+            problems += errors
+            for warning in warnings if int(os.environ.get("RANK", "0")) == 0 else []:
+                logger.warning(warning)
         zero = self.deepspeed.get("zero_optimization", {}).get("stage", 0) if self.deepspeed else None
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                                                    zero, cuda)
@@ -322,7 +342,57 @@ def default_recipe_argv(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelConfig); unknown keys fail."""
+    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelConfig); unknown keys fail.
+
+    `--zero_stage auto` parses twice: the first pass gives the model and batch to estimate, the
+    second applies the recommendation as flags (the last of a repeated flag wins).
+    """
     argv = default_recipe_argv(list(sys.argv[1:] if argv is None else argv))
-    parser = make_parser()
-    return parser.parse_args_and_config(argv)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    if training_args.zero_stage == "auto" and not training_args.eval_only:
+        extra = auto_stage_argv(training_args, model_args)
+        script_args, training_args, model_args = make_parser().parse_args_and_config([*argv, *extra])
+    return script_args, training_args, model_args
+
+
+def runnable_here(config: dict) -> bool:
+    """Whether a config's ops can build on this machine (CPUAdam for offload, libaio for NVMe)."""
+    from recipe.ds_check import cpu_adam_available
+
+    zero = config.get("zero_optimization", {})
+    devices = {(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")}
+    if "nvme" in devices and not aio_available():
+        return False
+    return not (devices & {"cpu", "nvme"}) or cpu_adam_available()
+
+
+def auto_stage_argv(training_args, model_args) -> list[str]:
+    """--zero_stage auto: the memory estimator's choice for this model on these GPUs, as flags, with the reason."""
+    from recipe import estimate
+
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    hw = estimate.run_hardware()
+    if hw is None:
+        say("--zero_stage auto: no CUDA GPU, no GPU memory to plan for: using stage 2.", file=sys.stderr)
+        return ["--zero_stage", "2"]
+    try:
+        shape = estimate.load_shape(model_args.model_name_or_path, model_args.model_revision,
+                                    training_args.trust_remote_code)
+    except OSError as e:
+        raise ConfigError([f"--zero_stage auto needs the model's config to estimate memory: "
+                           f"{model_args.model_name_or_path}: {str(e).splitlines()[0]}"]) from None
+    work = estimate.run_workload(training_args, model_args)
+    configs = {n: c for n, c in estimate.shipped_configs().items() if runnable_here(c)}
+    rec = estimate.recommend(shape, configs, hw, work, max_batch=work.micro_batch)
+    if rec.config is None:
+        raise ConfigError([f"--zero_stage auto: {rec.reason}"])
+    flags = ["--zero_stage", rec.config.removeprefix("stage")]
+    if rec.micro_batch < work.micro_batch:
+        flags += ["--per_device_train_batch_size", str(rec.micro_batch)]
+        if training_args.global_batch_size is None:  # keep the global batch: more accumulation steps
+            total = training_args.gradient_accumulation_steps * work.micro_batch
+            flags += ["--gradient_accumulation_steps", str(-(-total // rec.micro_batch))]
+    if rec.gradient_checkpointing and not work.gradient_checkpointing:
+        flags += ["--gradient_checkpointing", "true"]
+    say(f"--zero_stage auto: {' '.join(flags)}. Why: {rec.reason}.", file=sys.stderr)
+    return flags

@@ -233,11 +233,12 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
         if f.offload_param:
             frozen = 0.0
     # DeepSpeed buffers: stage 0 keeps fp32 gradient accumulation (4 bytes/param) beside its states;
-    # stages 1-2 a reduce bucket (two with offload: one is being copied out); stage 3 reduce + prefetch buckets
+    # stages 1-2 a 16-bit reduce bucket (two with overlap_comm: one fills while the other reduces; the
+    # tiny model on an H200 showed 1.96 GiB for two 5e8-element buckets); stage 3 reduce + prefetch buckets
     if f.stage == 0:
         buffers, step_extra = 0.0, 4 * trained
     elif f.stage in (1, 2):
-        buffers, step_extra = 2 * f.reduce_bucket * (2 if offloaded else 1), 2 * trained / n
+        buffers, step_extra = 2 * f.reduce_bucket * (2 if f.overlap_comm else 1), 2 * trained / n
     else:  # stage 3: DeepSpeed's estimate is the step itself
         buffers, step_extra = 2 * (f.reduce_bucket + f.prefetch_bucket), 0.0
     if offloaded:
@@ -256,7 +257,13 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     step = step_gpu + frozen
     peak = max(fwd, step)
     procs = hw.gpus_per_node
-    cpu = states_cpu + procs * CPU_PROCESS_GIB * GiB
+    if offloaded or f.offload_param:
+        cpu = states_cpu + procs * CPU_PROCESS_GIB * GiB  # DeepSpeed's estimate (within 20% of measured RSS)
+    elif f.stage == 3:
+        cpu = states_cpu + procs * CPU_PROCESS_GIB * GiB  # zero.Init: weights go straight to their shards
+    else:
+        # DeepSpeed assumes an fp32 copy per process; from_pretrained reads bf16 safetensors: 2 bytes/param each
+        cpu = procs * (2 * shape.n_params + CPU_PROCESS_GIB * GiB)
     if f.offload_optimizer == "nvme" or f.offload_param == "nvme":
         cpu = procs * CPU_PROCESS_GIB * GiB + 2 * shape.n_params / hw.nodes  # pinned swap buffers, roughly
     # a checkpoint: 16-bit weights + fp32 master and Adam moments of the trained parameters
@@ -276,13 +283,14 @@ def fits(est: dict, hw: Hardware) -> bool:
 
 
 def max_micro_batch(shape, config, hw, work: Workload, cap: int = 64) -> int:
-    """The largest power-of-two micro-batch (<= cap) that fits; 0 when even 1 does not."""
+    """The largest micro-batch that fits: cap, else the largest power of two below it; 0 when 1 does not."""
+    def ok(b):
+        return fits(estimate(shape, config, hw, Workload(**{**asdict(work), "micro_batch": b})), hw)
+
     best, b = 0, 1
-    while b <= cap:
-        if not fits(estimate(shape, config, hw, Workload(**{**asdict(work), "micro_batch": b})), hw):
-            break
+    while b < cap and ok(b):
         best, b = b, b * 2
-    return best
+    return cap if b >= cap and ok(cap) else best  # the cap itself (a user's 12, say) when it fits
 
 
 def throughput_score(name: str, work: Workload) -> float:
@@ -359,3 +367,48 @@ def format_table(rows: list[dict], hw: Hardware | None = None) -> str:
                      f"| {g['buffers']:.1f} | {g['forward_backward']:.1f} | {g['optimizer_step']:.1f} "
                      f"| **{g['gpu_peak']:.1f}** | {g['cpu_per_node']:.0f} | {g['checkpoint_disk']:.0f} | {ok} |")
     return "\n".join(lines)
+
+
+def run_hardware() -> Hardware | None:
+    """The GPUs this launch uses: LOCAL_WORLD_SIZE per node x WORLD_SIZE / LOCAL_WORLD_SIZE nodes."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return detect_hardware(local, max(1, world // local))
+
+
+def run_workload(training_args, model_args) -> Workload:
+    """What a train_ds.py run asks for, as the estimator sees it."""
+    method = "qlora" if getattr(model_args, "load_in_4bit", False) else "lora" if model_args.use_peft else "full"
+    return Workload(seq_len=training_args.max_length or 1024, micro_batch=training_args.per_device_train_batch_size,
+                    gradient_checkpointing=bool(training_args.gradient_checkpointing), method=method,
+                    lora_rank=model_args.lora_r, fused_loss=not training_args.token_metrics)
+
+
+def plan(shape: ModelShape, hw: Hardware, work: Workload, configs: dict[str, dict] | None = None,
+         max_batch: int | None = None) -> tuple[list[dict], Recommendation]:
+    """Estimates at the asked micro-batch for every config, and the recommendation."""
+    configs = configs or shipped_configs()
+    rows = [estimate(shape, config, hw, work, name) for name, config in configs.items()]
+    return rows, recommend(shape, configs, hw, work, max_batch=max_batch or work.micro_batch)
+
+
+def report(shape: ModelShape, hw: Hardware, work: Workload, rows: list[dict], rec: Recommendation) -> str:
+    """The readable report: what was assumed, the table, the recommendation."""
+    head = (f"Memory estimate: {shape.name} ({shape.n_params / 1e9:.2f}B parameters, {work.method}"
+            f"{f' rank {work.lora_rank}' if work.method != 'full' else ''}), seq {work.seq_len}, micro-batch "
+            f"{work.micro_batch}, gradient checkpointing {'on' if work.gradient_checkpointing else 'off'}, on "
+            f"{hw.gpus} x {hw.gpu_name or 'GPU'} ({hw.gpu_memory_gib:.0f} GiB, {hw.usable_gib:.0f} usable)"
+            f"{f', {hw.nodes} nodes' if hw.nodes > 1 else ''}"
+            f"{f', CPU {hw.cpu_memory_gib:.0f} GiB per node' if hw.cpu_memory_gib else ''}. GiB; peak = max(fwd/bwd, step).")
+    rec_line = (f"Recommended: --zero_stage {rec.config.removeprefix('stage')} --per_device_train_batch_size "
+                f"{rec.micro_batch}{' --gradient_checkpointing true' if rec.gradient_checkpointing else ''}: {rec.reason}."
+                if rec.config else f"Recommended: {rec.reason}")
+    return "\n".join([head, "", format_table(rows, hw), "", rec_line])
+
+
+def to_json(shape: ModelShape, hw: Hardware, work: Workload, rows: list[dict], rec: Recommendation) -> dict:
+    return {"model": asdict(shape), "hardware": asdict(hw), "workload": asdict(work),
+            "estimates": [gib_row(r) for r in rows],
+            "recommendation": {k: v for k, v in asdict(rec).items()}}
