@@ -171,13 +171,13 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
 
     Per token and decoder layer, fused kernels (compiled layers or Liger): norm inputs and outputs 2x(2h+2h),
     q 2q, k and v 2x2kv, attention output 2q (flash attention keeps q, k, v, output and a log-sum-exp),
-    gate, up and their product 3x2i. Eager PyTorch also keeps RMSNorm's fp32 intermediates, the SiLU output
-    and RoPE's inputs. Checkpointing keeps each layer's input and recomputes one layer at a time.
+    gate, up and their product 3x2i. Eager PyTorch keeps each RMSNorm's input in fp32 (4h instead of 2h) and
+    the SiLU output (2i) too. Checkpointing keeps each layer's input and recomputes one layer at a time.
     """
     h, kv, q, i = shape.hidden, shape.kv_dim, shape.q_dim, shape.intermediate
     per_layer = 8 * h + 4 * q + 4 * kv + 6 * i
     if not work.fused_kernels:
-        per_layer += 2 * 8 * h + 2 * i + 2 * (q + kv)
+        per_layer += 2 * 2 * h + 2 * i
     tokens = work.seq_len * work.micro_batch
     outside = 6 * h  # embedding output, final norm input and output
     if work.gradient_checkpointing:

@@ -1,0 +1,221 @@
+"""Memory estimator: against DeepSpeed's own numbers and autograd's saved tensors, and the
+recommendation on made-up hardware. CPU only; GPU accuracy is measured (results/memory/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recipe import estimate as E
+from tests.conftest import FAST, ROOT, check_ok, launch, only_run_dir
+
+MODELS = ROOT / "configs" / "models"
+
+
+def small_llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=3, vocab_size=300, tie_word_embeddings=tied)
+    return config, LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shape_counts_what_deepspeed_counts(tied):
+    """Parameter count and largest layer from the config equal DeepSpeed's count on the live model."""
+    from deepspeed.runtime.zero.stage_1_and_2 import model_to_params
+
+    config, model = small_llama(tied)
+    shape = E.shape_from_config(config)
+    assert shape.n_params == model_to_params(model) == sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())  # DeepSpeed's rule
+    assert shape.largest_layer_params == largest
+
+
+@pytest.mark.parametrize("name,size", [("llama-3.2-1b", 1.236e9), ("llama-3.2-3b", 3.213e9),
+                                       ("llama-3.1-8b", 8.030e9), ("llama-3.1-70b", 70.55e9)])
+def test_shipped_shapes(name, size):
+    assert E.load_shape(str(MODELS / name)).n_params == pytest.approx(size, rel=1e-3)
+
+
+@pytest.mark.parametrize("config,gpus", [("stage2", 1), ("stage2", 4), ("stage2_offload", 2), ("stage3", 8),
+                                         ("stage3_offload", 2), ("stage3", 1)])
+def test_model_states_are_deepspeeds_estimate(config, gpus, capsys):
+    """The model-states term is what DeepSpeed's *_all_cold estimators print for the same setup."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    shape = E.load_shape(str(MODELS / "llama-3.2-3b"))
+    est = E.estimate(shape, E.shipped_configs()[config], E.Hardware(gpus, 80), E.Workload(), config)
+    if config.startswith("stage3"):
+        estimate_zero3_model_states_mem_needs_all_cold(shape.n_params, shape.largest_layer_params, gpus, 1)
+    else:
+        estimate_zero2_model_states_mem_needs_all_cold(shape.n_params, gpus, 1)
+    offload = "offload_optimizer" in E.shipped_configs()[config]["zero_optimization"]
+    # DeepSpeed prints one line per option: "  per CPU  |  per GPU |   Options"; take the one for our setup
+    rows = [line for line in capsys.readouterr().out.splitlines() if "GB |" in line]
+    device = "OffloadDeviceEnum.cpu" if offload else "none"
+    flag = f"offload_optimizer={device}"
+    if config.startswith("stage3"):
+        flag = f"offload_param={device}, offload_optimizer={device}, zero_init=1"
+    line = next(r for r in rows if r.rstrip().endswith(flag))
+    printed_gpu_gb = float(line.split("|")[1].split("GB")[0])
+    assert est["model_states"] / 2**30 == pytest.approx(printed_gpu_gb, abs=0.01)
+
+
+def test_activations_match_what_autograd_saves():
+    """One eager bf16 decoder layer on CPU: the bytes autograd keeps per token (weights aside) are the formula's."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=512)
+    config._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(config, 0).to(torch.bfloat16)
+    b, s = 2, 128
+    x = torch.randn(b, s, 256, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(s)[None].expand(b, s)
+    rope = LlamaRotaryEmbedding(config)(x, positions)
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+    shape = E.shape_from_config(config)
+    outside = 6 * 256 * b * s  # embedding and final norm: not in one layer
+    eager = E.activation_bytes(shape, E.Workload(seq_len=s, micro_batch=b, fused_kernels=False)) - outside
+    fused = E.activation_bytes(shape, E.Workload(seq_len=s, micro_batch=b)) - outside
+    assert sum(saved.values()) == pytest.approx(eager, rel=0.15)
+    assert fused < eager
+    gc = E.activation_bytes(shape, E.Workload(seq_len=s, micro_batch=b, gradient_checkpointing=True)) - outside
+    assert gc > fused  # one layer: its input kept and the layer recomputed
+
+
+def test_peak_is_the_larger_phase_and_scales_with_batch_and_gpus():
+    shape = E.load_shape(str(MODELS / "llama-3.2-3b"))
+    configs = E.shipped_configs()
+    one = E.estimate(shape, configs["stage2"], E.Hardware(1, 80), E.Workload(micro_batch=1))
+    eight = E.estimate(shape, configs["stage2"], E.Hardware(1, 80), E.Workload(micro_batch=8))
+    assert one["gpu_peak"] == max(one["forward_backward"], one["optimizer_step"])
+    assert one["gpu_peak"] == one["optimizer_step"]  # small batch: the step's fp32 gradients dominate
+    assert eight["gpu_peak"] == eight["forward_backward"] > one["gpu_peak"]
+    per_gpu = [E.estimate(shape, configs["stage3"], E.Hardware(g, 80), E.Workload())["gpu_peak"] for g in (1, 2, 4, 8)]
+    assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[-1] < per_gpu[0] / 3  # activations do not shard
+    stage0 = [E.estimate(shape, configs["stage0"], E.Hardware(g, 80), E.Workload())["gpu_peak"] for g in (1, 8)]
+    assert stage0[0] == stage0[1]  # stage 0 shards nothing
+    offload = E.estimate(shape, configs["stage3_offload"], E.Hardware(1, 80), E.Workload())
+    assert offload["gpu_peak"] < one["gpu_peak"] / 5 and offload["cpu_per_node"] > 16 * shape.n_params
+    lora = E.estimate(shape, configs["stage2"], E.Hardware(1, 80), E.Workload(method="lora"))
+    qlora = E.estimate(shape, configs["stage2"], E.Hardware(1, 80), E.Workload(method="qlora"))
+    assert qlora["gpu_peak"] < lora["gpu_peak"] < one["gpu_peak"] / 2
+
+
+def test_estimates_match_the_committed_measurements():
+    """Every committed GPU measurement (results/memory) is within 15% of its estimate."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paths = sorted(str(p) for p in (ROOT / "results" / "memory").glob("*/measured.json"))
+    rows = script.measured_rows(paths)
+    assert len(rows) >= 20
+    assert {r["config"] for r in rows} >= {"stage0", "stage1", "stage2", "stage2_offload", "stage3", "stage3_offload"}
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    assert abs(worst["error"]) < 0.15, worst
+
+
+@pytest.mark.parametrize("model,gpus,gib,cpu,expected", [
+    ("llama-3.2-1b", 1, 80, 512, "stage2"),  # fits plainly: the fastest config
+    ("llama-3.1-8b", 8, 80, 1024, "stage2"),  # sharded states fit
+    ("llama-3.1-8b", 2, 80, 1024, "stage3"),  # stage 2 keeps all 16-bit weights per GPU: too much
+    ("llama-3.1-8b", 1, 24, 512, "stage3_offload"),  # only offload fits one 24 GB GPU
+    ("llama-3.2-1b", 1, 24, 512, "stage2_offload"),
+])
+def test_recommendation_on_made_up_hardware(model, gpus, gib, cpu, expected):
+    shape = E.load_shape(str(MODELS / model))
+    hw = E.Hardware(gpus, gib, 1, cpu)
+    rec = E.recommend(shape, E.shipped_configs(), hw, E.Workload(), max_batch=16)
+    assert rec.config == expected, rec.reason
+    chosen = E.estimate(shape, E.shipped_configs()[rec.config], hw,
+                        E.Workload(micro_batch=rec.micro_batch, gradient_checkpointing=rec.gradient_checkpointing))
+    assert E.fits(chosen, hw) and rec.micro_batch >= 1
+    assert expected in rec.reason and f"{gpus} x {gib}" in rec.reason
+
+
+def test_recommendation_says_when_nothing_fits_and_honours_cpu_memory():
+    shape = E.load_shape(str(MODELS / "llama-3.1-70b"))
+    configs = {n: c for n, c in E.shipped_configs().items() if n != "stage3_nvme"}
+    rec = E.recommend(shape, configs, E.Hardware(1, 24, 1, 256), E.Workload())
+    assert rec.config is None and "nothing fits" in rec.reason and "LoRA" in rec.reason
+    # plenty of GPUs but little CPU memory: the offload configs are out, ZeRO-3 on the GPUs stays
+    rec = E.recommend(shape, configs, E.Hardware(8, 141, 2, 128), E.Workload())
+    assert rec.config == "stage3"
+
+
+def test_micro_batch_search_keeps_within_the_cap():
+    shape = E.load_shape(str(MODELS / "llama-3.2-1b"))
+    config = E.shipped_configs()["stage2"]
+    hw = E.Hardware(1, 80)
+    assert E.max_micro_batch(shape, config, hw, E.Workload(), cap=12) == 12
+    big = E.max_micro_batch(shape, config, hw, E.Workload(), cap=256)
+    assert 8 <= big < 256 and big & (big - 1) == 0
+    with_gc = E.max_micro_batch(shape, config, hw, E.Workload(gradient_checkpointing=True), cap=256)
+    assert with_gc > big
+
+
+def test_estimate_memory_script_prints_and_writes_json(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "est.json"
+    assert script.main(["--model", str(MODELS / "llama-3.2-3b"), "--gpus", "2", "--gpu_memory_gib", "80",
+                        "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Recommended: --zero_stage" in text and "| stage3_offload |" in text
+    data = json.loads(out.read_text())
+    assert {r["config"] for r in data["estimates"]} == set(E.shipped_configs())
+    assert data["recommendation"]["config"] in E.shipped_configs()
+
+
+def test_dry_run_estimates_and_loads_nothing(tmp_path):
+    proc = launch(["--dry_run", *FAST], tmp_path)
+    check_ok(proc)
+    run = only_run_dir(tmp_path)
+    result = json.loads((run / "memory_estimate.json").read_text())
+    assert result["this_run"]["config"] == "stage2" and result["model"]["name"] == "tiny-llama"
+    assert {r["config"] for r in result["estimates"]} == set(E.shipped_configs())
+    assert not (run / "model").exists() and not (run / "checkpoints").exists() and not (run / "summary.json").exists()
+    assert "| stage3 |" in proc.stderr + proc.stdout
+
+
+def test_zero_stage_auto_applies_the_recommendation(monkeypatch, capsys):
+    """On made-up GPUs (one of 24 GiB) the 1B shape does not fit stage 2 at batch 16: auto picks, lowers the
+    micro-batch, keeps the global batch, and says why."""
+    from recipe import config as C
+
+    monkeypatch.setattr(E, "run_hardware", lambda: E.Hardware(1, 24, 1, 512, "made-up GPU"))
+    monkeypatch.setattr(C, "runnable_here", lambda config: True)
+    argv = ["--model_name_or_path", str(MODELS / "llama-3.2-1b"), "--zero_stage", "auto", "--max_length", "2048",
+            "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2", "--report_to", "none"]
+    _, args, _ = C.parse_args(argv)
+    said = capsys.readouterr().err
+    assert "--zero_stage auto:" in said and "Why:" in said
+    chosen = args.ds_config_path.removeprefix("ds_configs/").removesuffix(".json")
+    assert chosen != "stage2" and chosen in said
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32  # global batch kept
+    shape = E.load_shape(str(MODELS / "llama-3.2-1b"))
+    est = E.estimate(shape, E.shipped_configs()[chosen], E.Hardware(1, 24, 1, 512),
+                     E.Workload(micro_batch=args.per_device_train_batch_size,
+                                gradient_checkpointing=bool(args.gradient_checkpointing)))
+    assert E.fits(est, E.Hardware(1, 24, 1, 512))
