@@ -224,14 +224,14 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     # for stages 1-2; stage 3 reduces straight into its fp32 partition, leaving 2 bytes/param of the 18 to the step
     step_only = 0 if offloaded else (2 if f.stage == 3 else 4) * trained / n
     # frozen base weights (LoRA: bf16; QLoRA: 4-bit linears + quantisation constants, bf16 embeddings)
-    frozen = 0.0
+    frozen = frozen_on_cpu = 0.0
     if not full:
         base = shape.n_params
         if work.method == "qlora":
             base = 0.25 * shape.linear_params * 1.03 + (shape.n_params - shape.linear_params)  # 2-byte units
         frozen = 2 * base / (hw.gpus if f.stage == 3 and f.offload_param is None else 1)
         if f.offload_param:
-            frozen = 0.0
+            frozen_on_cpu, frozen = 2 * base, 0.0
     # DeepSpeed buffers: stage 0 keeps fp32 gradient accumulation (4 bytes/param) beside its states;
     # stages 1-2 a 16-bit reduce bucket (two with overlap_comm: one fills while the other reduces; the
     # tiny model on an H200 showed 1.96 GiB for two 5e8-element buckets); stage 3 reduce + prefetch buckets
@@ -256,16 +256,17 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     fwd = states_gpu_fwd + frozen + acts + head + buffers
     step = step_gpu + frozen
     peak = max(fwd, step)
+    # CPU per node: each process's own ~3 GiB, plus the larger of loading the weights (from_pretrained reads
+    # bf16 safetensors into each process: 2 bytes/param; zero.Init under stage 3 shards them as they load)
+    # and what offload keeps there (DeepSpeed's estimate: within 20% of the measured RSS)
     procs = hw.gpus_per_node
-    if offloaded or f.offload_param:
-        cpu = states_cpu + procs * CPU_PROCESS_GIB * GiB  # DeepSpeed's estimate (within 20% of measured RSS)
-    elif f.stage == 3:
-        cpu = states_cpu + procs * CPU_PROCESS_GIB * GiB  # zero.Init: weights go straight to their shards
-    else:
-        # DeepSpeed assumes an fp32 copy per process; from_pretrained reads bf16 safetensors: 2 bytes/param each
-        cpu = procs * (2 * shape.n_params + CPU_PROCESS_GIB * GiB)
+    load = 0 if f.stage == 3 else procs * 2 * shape.n_params
+    kept = states_cpu if (offloaded or f.stage == 3) else 0
     if f.offload_optimizer == "nvme" or f.offload_param == "nvme":
-        cpu = procs * CPU_PROCESS_GIB * GiB + 2 * shape.n_params / hw.nodes  # pinned swap buffers, roughly
+        kept = 2 * shape.n_params / hw.nodes  # pinned swap buffers, roughly
+    elif f.offload_param == "cpu" and not full:
+        kept += frozen_on_cpu / hw.nodes  # LoRA/QLoRA: the frozen base is offloaded too
+    cpu = procs * CPU_PROCESS_GIB * GiB + max(load, kept)
     # a checkpoint: 16-bit weights + fp32 master and Adam moments of the trained parameters
     disk = 2 * shape.n_params + 12 * trained if full else 2 * trained + 12 * trained
     out = {"config": name, "model": shape.name, "method": work.method, "gpus": hw.gpus, "micro_batch": work.micro_batch,

@@ -119,14 +119,18 @@ def requirements(a) -> str:
            "are peak allocated GiB per GPU (what `torch.cuda.max_memory_allocated` reports); a GPU fits a config when "
            f"the estimate is below {E.USABLE_FRACTION:.0%} of its memory less {E.CONTEXT_GIB:.0f} GiB. CPU is GiB "
            "per node (DeepSpeed's estimator for the model states, plus ~3 GiB per process); checkpoint is GiB on "
-           "disk per saved checkpoint (16-bit weights + fp32 master and Adam moments of what is trained).", "",
+           "disk per saved checkpoint (16-bit weights + fp32 master and Adam moments of what is trained); "
+           "stage3_nvme also needs about the stage3_offload CPU figure as free space on the NVMe disk.", "",
            "Estimate your own case: `uv run python scripts/estimate_memory.py --model <id or folder> --gpus N "
            "--gpu_memory_gib G [--method lora] [--seq_len S]`, or `train_ds.py ... --dry_run` for the run as "
-           "configured, or `--zero_stage auto` to let the run pick.", ""]
+           "configured, or `--zero_stage auto` to let the run pick. Throughput (tokens/s, MFU) is measured in "
+           "`results/benchmarks/`; the tokens/s below come from 4-step runs sharing a host, indicative only.", ""]
     if measured:
         out += ["## Estimate vs measured", "",
                 "Short runs (4 steps, random weights, random tokens, seq 2048) of `scripts/measure_memory.py`; "
-                "peak allocated GPU memory of rank 0 against the estimate for the same run.", "",
+                "peak allocated GPU memory of rank 0 against the estimate for the same run. CPU: the estimate is per "
+                "node, the measurement rank 0's peak RSS with random weights made on the GPU (nothing loaded from "
+                "disk), so only the one-GPU offload rows compare like with like.", "",
                 compare_table(measured), ""]
     out += ["## Recommended config per GPU", "",
             f"The fastest shipped config that fits, with the largest micro-batch up to {a.max_batch} (seq "

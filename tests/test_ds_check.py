@@ -265,3 +265,19 @@ def test_autotuning_templates_shipped_with_deepspeed_are_accepted():
     assert templates
     for path in templates:
         assert unknown_key_problems(json.loads(path.read_text()), path.name) == []
+
+
+def test_a_typo_in_the_users_file_stops_the_run_before_any_weights_load(tmp_path):
+    """Through the real parser: the user's file with a typo and an impossible combination, both reported."""
+    from recipe.config import ConfigError, parse_args
+
+    config = json.loads((DS_DIR / "stage2.json").read_text())
+    config["gradient_clipp1ng"] = 1.0
+    config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--deepspeed", str(path), "--report_to", "none"])
+    text = str(err.value)
+    assert "mine.json" in text and "gradient_clipp1ng" in text and "gradient_clipping" in text
+    assert "offload_param" in text and len(err.value.problems) >= 2

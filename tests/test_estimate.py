@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipe import estimate as E
-from tests.conftest import FAST, ROOT, check_ok, launch, only_run_dir
+from conftest import FAST, ROOT, check_ok, launch, only_run_dir
 
 MODELS = ROOT / "configs" / "models"
 

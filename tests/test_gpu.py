@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import check_ok, launch, only_run_dir, read_summary, train_losses
+from conftest import ROOT, check_ok, launch, only_run_dir, read_summary, train_losses
 from recipe.config import aio_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -48,3 +48,36 @@ def test_bf16_stage_parity(tmp_path):
         losses[stage] = train_losses(only_run_dir(out))
     for stage in ["1", "2", "3"]:
         assert losses[stage][-1] == pytest.approx(losses["0"][-1], rel=0.02), (stage, losses)
+
+
+SHAPE_1B = ["--model_name_or_path", "configs/models/llama-3.2-1b", "--random_init", "true",
+            "--tokenizer_name_or_path", "tiny", "--max_length", "2048", "--heldout_eval", "false"]
+
+
+def test_dry_run_recommends_on_this_gpu(tmp_path):
+    import json
+
+    proc = launch([*STEPS, *SHAPE_1B, "--dry_run", "--per_device_train_batch_size", "8"], tmp_path)
+    check_ok(proc)
+    result = json.loads((only_run_dir(tmp_path) / "memory_estimate.json").read_text())
+    assert result["hardware"]["gpu_memory_gib"] > 10 and result["recommendation"]["config"]
+    assert not (only_run_dir(tmp_path) / "summary.json").exists()
+
+
+def test_zero_stage_auto_trains_within_its_estimate(tmp_path):
+    """auto picks a config on this GPU, says why, trains; the measured peak stays under the estimate + 15%
+    (the shipped rows are shorter than max_length, so the estimate is an upper bound here)."""
+    import json
+
+    proc = launch([*STEPS, *SHAPE_1B, "--zero_stage", "auto", "--max_steps", "3", "--per_device_train_batch_size",
+                   "8", "--save_final_model", "false"], tmp_path)
+    check_ok(proc)
+    assert "--zero_stage auto:" in proc.stderr and "Why:" in proc.stderr
+    summary = read_summary(tmp_path)
+    from recipe import estimate as E
+
+    config = summary["ds_config"].removeprefix("ds_configs/").removesuffix(".json")
+    est = E.estimate(E.load_shape(str(ROOT / "configs" / "models" / "llama-3.2-1b")), E.shipped_configs()[config],
+                     E.Hardware(1, 80), E.Workload(micro_batch=summary["per_device_batch_size"],
+                                                   gradient_checkpointing=summary["gradient_checkpointing"]))
+    assert summary["peak_memory_gib"] <= 1.15 * est["gpu_peak"] / 2**30, (summary, est["gpu_peak"] / 2**30)
