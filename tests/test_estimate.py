@@ -219,3 +219,17 @@ def test_zero_stage_auto_applies_the_recommendation(monkeypatch, capsys):
                      E.Workload(micro_batch=args.per_device_train_batch_size,
                                 gradient_checkpointing=bool(args.gradient_checkpointing)))
     assert E.fits(est, E.Hardware(1, 24, 1, 512))
+
+
+def test_hardware_requirements_is_what_the_estimator_generates():
+    """HARDWARE_REQUIREMENTS.md is generated: regenerating it from the committed measurements changes nothing."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    committed = (ROOT / "HARDWARE_REQUIREMENTS.md").read_text()
+    measured = re.search(r"--measured ([^`]+)`", committed).group(1).split()
+    args = script.parse_args(["--requirements", "unused.md", "--measured", *[str(ROOT / m) for m in measured]])
+    assert script.requirements(args) == committed, "regenerate: see the command at the top of HARDWARE_REQUIREMENTS.md"
