@@ -12,7 +12,8 @@ built from recipe/tiny_llama.json learns to reverse words from data/; no network
 DeepSpeed: --deepspeed ds_configs/<name>.json (default stage2.json) or --zero_stage 0|1|2|3|2_offload|
 3_offload|3_nvme. Precision: bf16 where the GPU has it, else fp16; fp32 on CPU; --bf16/--fp16 override.
 Everything lands in results/<run_name>/: args.json, ds_config.json, summary.json, loss.png, model/,
-checkpoints/ and wandb/. Resume with --resume_from_checkpoint last (or a checkpoint path).
+checkpoints/ and wandb/. Rerunning the same command resumes from the newest complete checkpoint (and the
+same W&B run); --resume_from_checkpoint false starts over, a checkpoint path resumes from it.
 """
 
 from __future__ import annotations
@@ -36,20 +37,42 @@ def run_name_for(script_args, training_args, model_args) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{data}_{ds}")
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """'last'/'true' -> newest checkpoint in output_dir (None when there is none); a path stays a path."""
-    from transformers.trainer_utils import get_last_checkpoint
+def resolve_resume(value: str | None, output_dir: str, is_main: bool) -> str | None:
+    """'auto' (default), 'last', 'true' -> the newest complete checkpoint in output_dir, or None; a path stays.
 
-    if value is None or value.lower() in ("", "false", "no", "none"):
+    A checkpoint is complete when every rank finished writing it (recipe.trainer.CheckpointCompleteCallback
+    leaves a marker); newer incomplete ones (a kill during a save) are skipped and renamed
+    incomplete-checkpoint-N by rank 0 (a name the Trainer neither counts, rotates nor reuses).
+    """
+    from recipe.trainer import checkpoints, is_complete
+
+    if value is not None and value.lower() in ("", "false", "no", "none"):
+        done = [c for c in checkpoints(output_dir) if is_complete(c)]
+        if done:
+            logger.warning("--resume_from_checkpoint %s: starting over although %s holds %s; its checkpoints are "
+                           "replaced as the new run reaches their steps (a new --run_name keeps them).",
+                           value, output_dir, done[-1].name)
         return None
-    if value.lower() in ("last", "true", "yes", "auto"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            logger.warning("--resume_from_checkpoint %s: no checkpoint in %s, starting fresh.", value, output_dir)
-        return last
+    if value is None or value.lower() in ("last", "true", "yes", "auto"):
+        found = checkpoints(output_dir)
+        while found and not is_complete(found[-1]):
+            broken = found.pop()
+            logger.warning("skipping %s: incomplete (the run stopped while saving it)%s.", broken,
+                           f"; kept as incomplete-{broken.name}" if is_main else "")
+            if is_main:
+                broken.rename(broken.with_name("incomplete-" + broken.name))
+        if found:
+            logger.info("resuming from %s (rerun with --resume_from_checkpoint false to start over).", found[-1])
+            return str(found[-1])
+        if value is not None and value.lower() != "auto":
+            logger.warning("--resume_from_checkpoint %s: no complete checkpoint in %s, starting fresh.",
+                           value, output_dir)
+        return None
     if not Path(value).is_dir():
         raise ConfigError([f"--resume_from_checkpoint {value}: no such checkpoint folder. "
-                           f"Use 'last' to take the newest one in {output_dir}."])
+                           f"Use 'last' to take the newest complete one in {output_dir}."])
+    if not is_complete(Path(value)):
+        logger.warning("%s has no completion marker: it may be incomplete (resuming from it as asked).", value)
     return value
 
 
@@ -57,7 +80,7 @@ def main(script_args, training_args, model_args) -> dict:
     from trl import get_peft_config
 
     from recipe import data, hardware, metrics, modeling, report, speed
-    from recipe.trainer import HeldoutCallback, RecipeTrainer, RunInfoCallback
+    from recipe.trainer import CheckpointCompleteCallback, HeldoutCallback, RecipeTrainer, RunInfoCallback
 
     # ── logging and run folder ──────────────────────────────────────────────
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -109,21 +132,22 @@ def main(script_args, training_args, model_args) -> dict:
         heldout = HeldoutCallback(tokenizer, rows, script_args.heldout_max_new_tokens,
                                   synced_gpus=training_args.deepspeed_plugin is not None
                                   and training_args.deepspeed_plugin.zero_stage == 3 and world > 1)
-    wandb_mode = report.setup_wandb(training_args, run_dir, is_main)
+    resume = None if training_args.eval_only else resolve_resume(training_args.resume_from_checkpoint,
+                                                                    training_args.output_dir, is_main)
+    wandb_mode = report.setup_wandb(training_args, run_dir, is_main, resuming=resume is not None)
     commit = report.git_commit()
     run_info = RunInfoCallback(run_dir, {"script_args": report.args_dict(script_args, training_args, model_args),
                                          "git_commit": commit})
     trainer = RecipeTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        callbacks=[cb for cb in (run_info, heldout) if cb is not None],
+        callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback()) if cb is not None],
     )
     trainer.meter = metrics.meter_for(model)
 
     # ── train ───────────────────────────────────────────────────────────────
-    resume, train_metrics, train_loss_mean = None, {}, None
+    train_metrics, train_loss_mean = {}, None
     if not training_args.eval_only:
-        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
         train_result = trainer.train(resume_from_checkpoint=resume)
         train_metrics, train_loss_mean = train_result.metrics, train_result.training_loss
 

@@ -163,6 +163,11 @@ class TrainConfig(SFTConfig):
         default="wandb", metadata={"help": "'wandb' (online if logged in, else offline) or 'none'."}
     )
     save_only_model: bool = field(default=False, metadata={"help": "Checkpoints without optimizer state (no resume)."})
+    resume_from_checkpoint: str | None = field(
+        default="auto",
+        metadata={"help": "'auto' (default): continue from the newest complete checkpoint in output_dir when there "
+                  "is one, so rerunning a killed command resumes it; 'false': start over; or a checkpoint path."},
+    )
 
     def __post_init__(self):
         fix_cuda_arch_list()

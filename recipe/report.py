@@ -45,10 +45,25 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def setup_wandb(training_args, run_dir: Path, is_main: bool) -> str | None:
-    """Online when logged in, else offline into the run folder. Returns the mode, None when off."""
+def setup_wandb(training_args, run_dir: Path, is_main: bool, resuming: bool = False) -> str | None:
+    """Online when logged in, else offline into the run folder. Returns the mode, None when off.
+
+    The W&B run id lives in <run dir>/wandb_run_id: a resumed training continues the same W&B run
+    (its curves go on from the checkpoint's step); a fresh start gets a new id.
+    """
     if "wandb" not in (training_args.report_to or []):
         return None
+    id_file = run_dir / "wandb_run_id"
+    if "WANDB_RUN_ID" not in os.environ and is_main:
+        if resuming and id_file.exists():
+            os.environ["WANDB_RUN_ID"] = id_file.read_text().strip()
+            os.environ.setdefault("WANDB_RESUME", "allow")
+        else:
+            import secrets
+
+            os.environ["WANDB_RUN_ID"] = secrets.token_hex(4)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(os.environ["WANDB_RUN_ID"] + "\n")
     os.environ.setdefault("WANDB_PROJECT", "llama-ds-recipe")
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     if "WANDB_MODE" not in os.environ and not wandb_logged_in():

@@ -68,6 +68,36 @@ class HeldoutCallback(TrainerCallback):
         logger.info("held-out exact match after training: %.3f", self.scores["heldout_score_after"])
 
 
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders in output_dir, oldest first."""
+    out = Path(output_dir)
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()] \
+        if out.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / COMPLETE_MARKER).exists()
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """After every rank has written a checkpoint, rank 0 marks it complete; resume trusts only marked ones."""
+
+    def on_save(self, args, state, control, **kwargs):
+        import time
+
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and path.is_dir():
+            write_json(path / COMPLETE_MARKER, {"global_step": state.global_step, "time": time.time()})
+
+
 class RunInfoCallback(TrainerCallback):
     """On rank 0 at train start: save the fully resolved DeepSpeed config; add it and the run info to W&B."""
 

@@ -27,6 +27,13 @@ def free_port() -> int:
 def launch(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = "python",
            env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run train_ds.py like a user: plain python, the deepspeed launcher, or torchrun."""
+    cmd, full_env = command(args, results_dir, nproc, launcher, env)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def command(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = "python",
+            env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment launch() runs (for tests that start and kill it themselves)."""
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE")}
     full_env.update({"OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1",
@@ -44,7 +51,7 @@ def launch(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = "
         cmd = [str(bindir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *script]
     else:
         raise ValueError(launcher)
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return cmd, full_env
 
 
 def only_run_dir(results_dir: Path) -> Path:

@@ -1,0 +1,155 @@
+"""Never lose a run: kill -9 and rerun, a checkpoint cut off mid-save, export of any checkpoint,
+no secrets in what a run writes. CPU, real DeepSpeed, 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, check_ok, command, launch, only_run_dir, read_summary
+
+CKPT = ["--logging_steps", "1", "--eval_strategy", "no", "--heldout_eval", "false", "--save_strategy", "steps"]
+
+
+def logged_steps(run_dir) -> list[int]:
+    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
+    return [r["step"] for r in state["log_history"] if "loss" in r]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
+    """2 processes; kill -9 the whole job after its second checkpoint; the same command resumes from the last
+    complete checkpoint, continues the same W&B run (offline here) and the loss curve, loses only later steps."""
+    args = [*CKPT, "--save_steps", "4", "--max_steps", "40", "--report_to", "wandb"]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")}
+    cmd, full_env = command(args, tmp_path, nproc=2, launcher="deepspeed", env=env)
+    job = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.time() + 300
+    marker = None
+    while time.time() < deadline and job.poll() is None:
+        runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "home"]
+        found = list(runs[0].glob("checkpoints/checkpoint-8/checkpoint_complete.json")) if runs else []
+        if found:
+            marker = found[0]
+            break
+        time.sleep(0.2)
+    assert marker is not None and job.poll() is None, "the job ended or never saved checkpoint-8"
+    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
+    job.wait(timeout=30)
+    run_dir = marker.parents[2]
+    saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*")
+                   if (p / "checkpoint_complete.json").exists())
+    assert not (run_dir / "summary.json").exists() and saved[-1] < 40
+
+    proc = launch(args, tmp_path, nproc=2, launcher="deepspeed", env=env)  # the same command again
+    check_ok(proc)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{saved[-1]}")
+    assert summary["global_step"] == 40
+    steps = logged_steps(run_dir)
+    assert steps == list(range(1, 41)), steps  # one curve: the steps before the checkpoint, then the rest
+    # the same W&B run continued: both offline run folders carry the run id kept in the run folder
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("**/offline-run-*") if p.is_dir())
+    assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), (offline, run_id)
+
+
+def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
+    """A newest checkpoint without its completion marker and with a truncated shard (what a kill during a save
+    leaves) is skipped and kept aside; the run resumes from the one before and finishes."""
+    args = [*CKPT, "--save_steps", "5", "--report_to", "none"]
+    check_ok(launch([*args, "--max_steps", "10"], tmp_path))
+    ckpts = only_run_dir(tmp_path) / "checkpoints"
+    cut = ckpts / "checkpoint-10"
+    (cut / "checkpoint_complete.json").unlink()
+    shard = next(cut.glob("global_step10/*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    proc = launch([*args, "--max_steps", "15"], tmp_path)
+    check_ok(proc)
+    summary = read_summary(tmp_path)
+    assert summary["resumed_from"].endswith("checkpoint-5") and summary["global_step"] == 15
+    assert (ckpts / "incomplete-checkpoint-10").is_dir() and "incomplete" in proc.stderr
+    assert (ckpts / "checkpoint-10" / "checkpoint_complete.json").exists()  # saved again, whole this time
+    assert (ckpts / "checkpoint-15" / "checkpoint_complete.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,gather", [("2", True), ("3", True), ("3", False)])
+def test_export_any_checkpoint_to_a_hf_folder(tmp_path, stage, gather):
+    """ZeRO-2 and ZeRO-3 (with and without gathered 16-bit weights) checkpoints become safetensors folders that
+    from_pretrained loads and that give the run's own eval loss; --fp32 takes the master weights."""
+    extra = []
+    if not gather:
+        config = json.loads((ROOT / "ds_configs" / "stage3.json").read_text())
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+        (tmp_path / "s3.json").write_text(json.dumps(config))
+        extra = ["--deepspeed", str(tmp_path / "s3.json"), "--save_final_model", "false"]
+    else:
+        extra = ["--zero_stage", stage]
+    runs = tmp_path / "runs"
+    args = [*CKPT, "--save_steps", "6", "--max_steps", "6", "--report_to", "none", "--eval_strategy", "no",
+            "--eval_dataset_name", "data/test.jsonl", "--max_eval_samples", "64", *extra]
+    check_ok(launch(args, runs, nproc=2, launcher="deepspeed"))
+    run = only_run_dir(runs)
+    trained = read_summary(runs)["eval_loss"]
+    ckpt = run / "checkpoints" / "checkpoint-6"
+    for flags in ([], ["--fp32"]):
+        out = tmp_path / f"export{''.join(flags)}"
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(ckpt), "--out", str(out), *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+        evals = tmp_path / f"eval{''.join(flags)}"
+        check_ok(launch(["--eval_only", "--model_name_or_path", str(out), "--eval_dataset_name", "data/test.jsonl",
+                         "--max_eval_samples", "64", "--heldout_eval", "false", "--report_to", "none"], evals))
+        assert read_summary(evals)["eval_loss"] == pytest.approx(trained, rel=1e-3), flags
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path):
+    empty = tmp_path / "checkpoint-3"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(empty), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "neither model weights nor DeepSpeed ZeRO shards" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "out2")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "is not a folder" in proc.stderr
+
+
+def test_no_secret_in_anything_a_run_writes(tmp_path):
+    """HF_TOKEN, WANDB_API_KEY and any *_TOKEN / *_KEY / *_SECRET variable never reach results/, checkpoints,
+    logs or the W&B config (offline run files included); weights are safetensors; remote code stays off."""
+    secrets = {"HF_TOKEN": "hf_SECRETtokenvalue123456", "WANDB_API_KEY": "wandbSECRETkey0123456789abcdef01234567",
+               "MY_SERVICE_TOKEN": "svcSECRETtoken987", "OPENAI_API_KEY": "sk-SECRETkey42", "HOME": str(tmp_path / "h"),
+               "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = launch([*CKPT, "--save_steps", "3", "--max_steps", "3", "--report_to", "wandb"], tmp_path / "runs",
+                  env=secrets)
+    check_ok(proc)
+    run = only_run_dir(tmp_path / "runs")
+    leaks = []
+    for path in [p for p in run.rglob("*") if p.is_file()]:
+        data = path.read_bytes()
+        leaks += [f"{path.relative_to(run)}: {name}" for name, value in secrets.items()
+                  if name not in ("HOME", "WANDB_MODE", "WANDB_SILENT") and value.encode() in data]
+    for stream in (proc.stdout, proc.stderr):
+        leaks += [f"log: {n}" for n, v in secrets.items() if n.endswith(("TOKEN", "KEY")) and v in stream]
+    assert not leaks, leaks
+    assert list(run.rglob("*.safetensors")) and not list(run.rglob("pytorch_model*.bin"))
+    args = json.loads((run / "args.json").read_text())
+    assert not any(v is True for k, v in _flatten(args) if k.endswith("trust_remote_code"))
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
