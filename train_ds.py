@@ -80,7 +80,8 @@ def main(script_args, training_args, model_args) -> dict:
     from trl import get_peft_config
 
     from recipe import data, hardware, metrics, modeling, report, speed
-    from recipe.trainer import CheckpointCompleteCallback, HeldoutCallback, RecipeTrainer, RunInfoCallback
+    from recipe.trainer import (CheckpointCompleteCallback, HeldoutCallback, NonFiniteLossCallback, RecipeTrainer,
+                                RunInfoCallback, fault_callbacks)
 
     # ── logging and run folder ──────────────────────────────────────────────
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -93,7 +94,13 @@ def main(script_args, training_args, model_args) -> dict:
     if training_args.output_dir_auto:
         training_args.output_dir = str(run_dir / "checkpoints")
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".write_test").touch()
+            (run_dir / ".write_test").unlink()
+        except OSError as e:
+            raise ConfigError([f"cannot write the run folder {run_dir}: {e.strerror}. Pass --results_dir <a writable "
+                               "folder> (and --output_dir, if set, to one too)."]) from None
         report.write_json(run_dir / "args.json", report.args_dict(script_args, training_args, model_args))
     world = training_args.world_size
     precision = hardware.precision_name(training_args.bf16, training_args.fp16)
@@ -134,6 +141,7 @@ def main(script_args, training_args, model_args) -> dict:
                                   and training_args.deepspeed_plugin.zero_stage == 3 and world > 1)
     resume = None if training_args.eval_only else resolve_resume(training_args.resume_from_checkpoint,
                                                                     training_args.output_dir, is_main)
+    nonfinite = NonFiniteLossCallback()
     wandb_mode = report.setup_wandb(training_args, run_dir, is_main, resuming=resume is not None)
     commit = report.git_commit()
     run_info = RunInfoCallback(run_dir, {"script_args": report.args_dict(script_args, training_args, model_args),
@@ -141,14 +149,20 @@ def main(script_args, training_args, model_args) -> dict:
     trainer = RecipeTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback()) if cb is not None],
+        callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback(), nonfinite) if cb is not None]
+        + fault_callbacks(),
     )
     trainer.meter = metrics.meter_for(model)
 
     # ── train ───────────────────────────────────────────────────────────────
     train_metrics, train_loss_mean = {}, None
     if not training_args.eval_only:
-        train_result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            train_result = trainer.train(resume_from_checkpoint=resume)
+        except torch_oom() as e:
+            raise TrainingError(oom_message(training_args, model_args, e)) from None
+        if nonfinite.bad_step is not None:
+            raise TrainingError(nonfinite.message(training_args.output_dir, training_args.learning_rate))
         train_metrics, train_loss_mean = train_result.metrics, train_result.training_loss
 
     # ── save ────────────────────────────────────────────────────────────────
@@ -207,6 +221,40 @@ def main(script_args, training_args, model_args) -> dict:
     return summary
 
 
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can fix; the message says how. Exit code 3."""
+
+
+def torch_oom():
+    import torch
+
+    return torch.cuda.OutOfMemoryError
+
+
+def oom_message(training_args, model_args, error: Exception) -> str:
+    """Out of GPU memory: what this run needs by the estimator, and what would fit on these GPUs."""
+    from recipe import estimate
+
+    first = str(error).splitlines()[0][:200]
+    try:
+        shape = estimate.load_shape(model_args.model_name_or_path, model_args.model_revision,
+                                    training_args.trust_remote_code)
+        work = estimate.run_workload(training_args, model_args)
+        hw = estimate.run_hardware()
+        name = Path(training_args.ds_config_path or "this config").stem
+        need = estimate.estimate(shape, training_args.deepspeed or {}, hw, work, name)["gpu_peak"] / 2**30
+        rec = estimate.recommend(shape, estimate.shipped_configs(), hw, work, max_batch=work.micro_batch)
+        fit = (f"--zero_stage {rec.config.removeprefix('stage')} --per_device_train_batch_size {rec.micro_batch}"
+               f"{' --gradient_checkpointing true' if rec.gradient_checkpointing else ''} ({rec.reason})"
+               if rec.config else rec.reason)
+        return (f"out of GPU memory ({first}). This run ({name}, micro-batch {work.micro_batch}, seq {work.seq_len}) "
+                f"needs about {need:.1f} GiB per GPU by the estimate, of {hw.usable_gib:.0f} usable. What would fit: "
+                f"{fit}. Or rerun with --zero_stage auto. Checkpoints already saved are intact; rerunning resumes.")
+    except Exception as estimate_error:  # the message must not hide the OOM itself
+        return (f"out of GPU memory ({first}). Lower --per_device_train_batch_size, turn on "
+                f"--gradient_checkpointing, or use --zero_stage 3 / 3_offload (estimate failed: {estimate_error}).")
+
+
 def dry_run(training_args, model_args, run_dir: Path, is_main: bool) -> dict:
     """--dry_run: the configuration has passed its checks; estimate memory, recommend, stop. No weights load."""
     from recipe import estimate, report
@@ -248,6 +296,9 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     import torch.distributed as dist
 
     if dist.is_initialized():

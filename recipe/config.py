@@ -163,6 +163,11 @@ class TrainConfig(SFTConfig):
         default="wandb", metadata={"help": "'wandb' (online if logged in, else offline) or 'none'."}
     )
     save_only_model: bool = field(default=False, metadata={"help": "Checkpoints without optimizer state (no resume)."})
+    logging_nan_inf_filter: bool = field(
+        default=False,  # HF's default (True) logs a nan/inf loss as the interval's earlier average: hides divergence
+        metadata={"help": "Hide nan/inf losses in the logs (HF's default). Off here: a nan loss stops the run with "
+                  "the step and the last good checkpoint."},
+    )
     resume_from_checkpoint: str | None = field(
         default="auto",
         metadata={"help": "'auto' (default): continue from the newest complete checkpoint in output_dir when there "

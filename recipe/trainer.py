@@ -98,6 +98,62 @@ class CheckpointCompleteCallback(TrainerCallback):
             write_json(path / COMPLETE_MARKER, {"global_step": state.global_step, "time": time.time()})
 
 
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop at the first logged loss that is nan or inf, before anything is saved from the broken weights.
+
+    Every rank sees the same logged loss (it is gathered), so all stop together; main() then exits with
+    the step, the last good checkpoint and the usual causes.
+    """
+
+    def __init__(self):
+        self.bad_step: int | None = None
+        self.bad_value: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.bad_step, self.bad_value = state.global_step, loss
+            control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
+
+    def message(self, output_dir: str, learning_rate: float) -> str:
+        good = [c for c in checkpoints(output_dir) if is_complete(c)]
+        return (f"the training loss became {self.bad_value} at step {self.bad_step}; training stopped and nothing "
+                f"was saved from the broken weights. Last good checkpoint: {good[-1] if good else 'none'}. "
+                f"Usual causes: a learning rate too high (now {learning_rate:g}; try 10x lower), fp16 overflow "
+                "(use --bf16 where the GPU has it), no gradient clipping (--max_grad_norm 1.0), or rows with nothing "
+                "to learn. Fix one and rerun the same command: it resumes from that checkpoint.")
+
+
+class FaultCallback(TrainerCallback):
+    """Test-only fault injection, how the tests check the failure paths: RECIPE_FAULT="raise:<rank>:<step>"
+    raises in that rank at that step (one rank dies); "nan:<rank>:<step>" puts a NaN into the first weight on
+    every rank at that step (the loss diverges)."""
+
+    def __init__(self, spec: str):
+        kind, rank, step = spec.split(":")
+        self.kind, self.rank, self.step = kind, int(rank), int(step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.kind == "raise" and state.global_step == self.step and args.process_index == self.rank:
+            raise RuntimeError(f"injected fault (RECIPE_FAULT) on rank {self.rank} at step {self.step}")
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.kind == "nan" and state.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def fault_callbacks() -> list[TrainerCallback]:
+    import os
+
+    spec = os.environ.get("RECIPE_FAULT")
+    return [FaultCallback(spec)] if spec else []
+
+
 class RunInfoCallback(TrainerCallback):
     """On rank 0 at train start: save the fully resolved DeepSpeed config; add it and the run info to W&B."""
 

@@ -153,3 +153,97 @@ def _flatten(d, prefix=""):
             yield from _flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+def rank_pids(launcher_pid: int, local_rank: int) -> list[int]:
+    """PIDs of the job's processes running as LOCAL_RANK=local_rank (found by their environment)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().split()
+        except OSError:
+            continue
+        session = int(stat[5])
+        if session == launcher_pid and f"LOCAL_RANK={local_rank}".encode() in env and b"train_ds.py" in \
+                (proc / "cmdline").read_bytes():
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "raise"])
+def test_one_rank_dies_and_the_whole_job_ends_promptly(tmp_path, how):
+    """Rank 1 is killed (-9) or raises mid-training: every process exits within a bounded time (not the
+    collective timeout), non-zero, with the failing rank's error in the output."""
+    args = [*CKPT, "--save_strategy", "no", "--max_steps", "400", "--report_to", "none"]
+    env = {"RECIPE_FAULT": "raise:1:3"} if how == "raise" else {}
+    cmd, full_env = command(args, tmp_path, nproc=2, launcher="deepspeed", env=env)
+    out = (tmp_path / "out.log").open("w+")
+    job = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if how == "kill":
+            deadline = time.time() + 240
+            while time.time() < deadline and "'loss'" not in (tmp_path / "out.log").read_text():
+                time.sleep(0.5)  # training has started on both ranks
+            victims = rank_pids(job.pid, 1)
+            assert victims, "rank 1 not found"
+            killed_at = time.time()
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+        else:
+            killed_at = time.time()
+        rc = job.wait(timeout=240)
+        ended = time.time()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    text = (tmp_path / "out.log").read_text()
+    assert rc != 0
+    assert not rank_pids(job.pid, 0), "rank 0 outlived the job"
+    if how == "kill":
+        assert ended - killed_at < 60, ended - killed_at
+        assert "-9" in text or "SIGKILL" in text, text[-3000:]
+    else:
+        assert "injected fault (RECIPE_FAULT) on rank 1 at step 3" in text, text[-3000:]
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = [*CKPT, "--save_steps", "4", "--max_steps", "30", "--report_to", "none"]
+    proc = launch(args, tmp_path, env={"RECIPE_FAULT": "nan:0:10"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "became nan at step 11" in proc.stderr and "Last good checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    run = only_run_dir(tmp_path)
+    saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert saved and max(saved) <= 8 and all((run / "checkpoints" / f"checkpoint-{s}" / "checkpoint_complete.json")
+                                             .exists() for s in saved)
+    assert f"checkpoint-{max(saved)}" in proc.stderr and not (run / "model").exists()
+
+
+def test_an_unwritable_results_dir_is_named(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = launch([*CKPT, "--max_steps", "2", "--report_to", "none"], blocker / "results")
+    assert proc.returncode == 2 and "cannot write the run folder" in proc.stderr and "--results_dir" in proc.stderr
+
+
+def test_out_of_memory_message_says_what_would_fit(monkeypatch):
+    import importlib.util
+
+    from recipe import estimate as E
+    from recipe.config import parse_args
+
+    spec = importlib.util.spec_from_file_location("train_ds", ROOT / "train_ds.py")
+    train_ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_ds)
+    monkeypatch.setattr(E, "run_hardware", lambda: E.Hardware(1, 24, 1, 256, "made-up GPU"))
+    _, targs, margs = parse_args(["--model_name_or_path", str(ROOT / "configs" / "models" / "llama-3.2-1b"),
+                                  "--per_device_train_batch_size", "16", "--max_length", "2048", "--report_to", "none"])
+    text = train_ds.oom_message(targs, margs, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "out of GPU memory (CUDA out of memory" in text and "micro-batch 16" in text
+    assert "What would fit: --zero_stage" in text and "--zero_stage auto" in text
