@@ -68,7 +68,7 @@ def load_tokenizer(model_name_or_path: str | None, revision: str = "main", trust
         tokenizer = AutoTokenizer.from_pretrained(
             model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder with a config but no tokenizer files
         raise ConfigError([model_error(model_name_or_path, e)]) from None
     if tokenizer.chat_template is None:
         logger.warning("%s has no chat template; using the plain '### Role:' template.", model_name_or_path)

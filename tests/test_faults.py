@@ -247,3 +247,40 @@ def test_out_of_memory_message_says_what_would_fit(monkeypatch):
     text = train_ds.oom_message(targs, margs, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "out of GPU memory (CUDA out of memory" in text and "micro-batch 16" in text
     assert "What would fit: --zero_stage" in text and "--zero_stage auto" in text
+
+
+def test_model_and_tokenizer_errors_say_what_to_do(tmp_path, monkeypatch):
+    """A local folder without tokenizer files, a hub id that does not exist (offline here), a gated model."""
+    from recipe.config import ConfigError
+    from recipe.modeling import load_tokenizer, model_error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer(str(folder))
+    assert "not a loadable model/tokenizer folder" in str(err.value) and "tokenizer files" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer("no-such-org/no-such-model-xyz")
+    assert "cannot load 'no-such-org/no-such-model-xyz'" in str(err.value) and "Check the id" in str(err.value)
+    gated = model_error("meta-llama/Llama-3.2-1B", OSError("401 Client Error: gated repo"))
+    assert "is gated" in gated and "HF_TOKEN" in gated
+
+
+def test_resume_from_a_path_that_does_not_exist(tmp_path):
+    proc = launch([*CKPT, "--max_steps", "2", "--report_to", "none", "--resume_from_checkpoint",
+                   str(tmp_path / "checkpoint-99")], tmp_path / "r")
+    assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr and "'last'" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--global_batch_size", "50", "--per_device_train_batch_size", "32"], "is not a multiple of per-device batch"),
+    (["--bf16", "true", "--fp16", "true"], "choose one"),
+])
+def test_argument_conflicts_are_named(argv, message):
+    from recipe.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError) as err:
+        parse_args([*argv, "--report_to", "none"])
+    assert message in str(err.value)
