@@ -196,6 +196,9 @@ class TrainConfig(SFTConfig):
                 problems.append("--eval_only runs in one process: start it with `python train_ds.py --eval_only ...`, "
                                 "not a multi-process launcher.")
             self.deepspeed, self.ds_config_path, self.compile_layers = None, None, "false"
+            # accelerate (`accelerate launch --use_deepspeed`, or an Accelerator made earlier in this process)
+            # leaves ACCELERATE_USE_DEEPSPEED=true, which would bring DeepSpeed back without a config
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         else:
             # 'auto' is settled in parse_args, which sees the model; until then stage 2 stands in
             stage = "2" if self.zero_stage == "auto" else self.zero_stage

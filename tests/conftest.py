@@ -34,8 +34,10 @@ def launch(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = "
 def command(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = "python",
             env: dict | None = None) -> tuple[list[str], dict]:
     """The command line and environment launch() runs (for tests that start and kill it themselves)."""
+    # what in-process tests leave behind (parse_args's one-process env, an Accelerator's flags) is not passed on
     full_env = {k: v for k, v in os.environ.items()
-                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE")}
+                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                             "WANDB_MODE") and not k.startswith("ACCELERATE_")}
     full_env.update({"OMP_NUM_THREADS": "1" if nproc > 1 else "2", "PYTHONUNBUFFERED": "1",
                      "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     full_env.update(env or {})

@@ -284,3 +284,16 @@ def test_argument_conflicts_are_named(argv, message):
     with pytest.raises(ConfigError) as err:
         parse_args([*argv, "--report_to", "none"])
     assert message in str(err.value)
+
+
+def test_eval_only_ignores_a_leftover_accelerate_deepspeed_flag(tmp_path):
+    """`accelerate launch --use_deepspeed` (or an earlier Accelerator) leaves ACCELERATE_USE_DEEPSPEED=true;
+    --eval_only must still evaluate without DeepSpeed."""
+    from recipe.config import parse_args
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        _, args, _ = parse_args(["--eval_only", "--model_name_or_path", "tiny", "--report_to", "none"])
+    finally:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    assert args.deepspeed is None and args.deepspeed_plugin is None
