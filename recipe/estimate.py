@@ -241,20 +241,12 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
         buffers, step_extra = 2 * f.reduce_bucket * (2 if f.overlap_comm else 1), 2 * trained / n
     else:  # stage 3: DeepSpeed's estimate is the step itself
         buffers, step_extra = 2 * (f.reduce_bucket + f.prefetch_bucket), 0.0
-    if offloaded:
+    if offloaded:  # the step runs on the CPU; the GPU keeps the 16-bit weights only
         step_extra = 0.0
-    if f.stage == 0:
-        states_gpu_fwd = states_gpu - 4 * trained  # the fp32 gradients live in the accumulation buffer
-        step_gpu = states_gpu + step_extra
-    else:
-        states_gpu_fwd = states_gpu - step_only
-        step_gpu = states_gpu + step_extra + buffers
-    if offloaded and f.stage in (1, 2):
-        states_gpu_fwd = states_gpu  # 16-bit weights only
     acts = activation_bytes(shape, work)
     head = loss_head_bytes(shape, work, head_trained=full)
-    fwd = states_gpu_fwd + frozen + acts + head + buffers
-    step = step_gpu + frozen
+    fwd = states_gpu - step_only + frozen + acts + head + buffers
+    step = states_gpu + step_extra + buffers + frozen
     peak = max(fwd, step)
     # CPU per node: each process's own ~3 GiB, plus the larger of loading the weights (from_pretrained reads
     # bf16 safetensors into each process: 2 bytes/param; zero.Init under stage 3 shards them as they load)
