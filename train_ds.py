@@ -244,9 +244,7 @@ def oom_message(training_args, model_args, error: Exception) -> str:
         name = Path(training_args.ds_config_path or "this config").stem
         need = estimate.estimate(shape, training_args.deepspeed or {}, hw, work, name)["gpu_peak"] / 2**30
         rec = estimate.recommend(shape, estimate.shipped_configs(), hw, work, max_batch=work.micro_batch)
-        fit = (f"--zero_stage {rec.config.removeprefix('stage')} --per_device_train_batch_size {rec.micro_batch}"
-               f"{' --gradient_checkpointing true' if rec.gradient_checkpointing else ''} ({rec.reason})"
-               if rec.config else rec.reason)
+        fit = f"{' '.join(rec.flags)} ({rec.reason})" if rec.config else rec.reason
         return (f"out of GPU memory ({first}). This run ({name}, micro-batch {work.micro_batch}, seq {work.seq_len}) "
                 f"needs about {need:.1f} GiB per GPU by the estimate, of {hw.usable_gib:.0f} usable. What would fit: "
                 f"{fit}. Or rerun with --zero_stage auto. Checkpoints already saved are intact; rerunning resumes.")

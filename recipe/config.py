@@ -370,10 +370,9 @@ def parse_args(argv: list[str] | None = None):
 
 def runnable_here(config: dict) -> bool:
     """Whether a config's ops can build on this machine (CPUAdam for offload, libaio for NVMe)."""
-    from recipe.ds_check import cpu_adam_available
+    from recipe.ds_check import cpu_adam_available, offload_device
 
-    zero = config.get("zero_optimization", {})
-    devices = {(zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")}
+    devices = {offload_device(config, k) for k in ("offload_optimizer", "offload_param")}
     if "nvme" in devices and not aio_available():
         return False
     return not (devices & {"cpu", "nvme"}) or cpu_adam_available()

@@ -441,7 +441,7 @@ def _stage(config: dict) -> int | None:
     return stage if isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage <= 3 else None
 
 
-def _offload(config: dict, key: str) -> str | None:
+def offload_device(config: dict, key: str) -> str | None:
     """The offload device ("cpu", "nvme") of offload_optimizer/offload_param, or None."""
     section = _zero(config).get(key)
     device = section.get("device") if isinstance(section, dict) else None
@@ -458,7 +458,7 @@ def zero_problems(config: dict, name: str) -> list[str]:
                     'add "zero_optimization": {"stage": 0} (or 1, 2, 3)')]
     stage, problems = _stage(config), []
     for key in ("offload_optimizer", "offload_param"):
-        device = _offload(config, key)
+        device = offload_device(config, key)
         if device is None:
             continue
         path = f"zero_optimization.{key}.device"
@@ -512,7 +512,7 @@ def optimizer_problems(config: dict, name: str, training: dict, cpu_adam) -> lis
         problems, uses_cpu_adam = _ds_optimizer_problems(section, config, name)
     else:
         problems, uses_cpu_adam = _hf_optimizer_problems(config, name, training)
-    device = _offload(config, "offload_optimizer")
+    device = offload_device(config, "offload_optimizer")
     if uses_cpu_adam and device and not cpu_adam():
         problems.append(msg(name, "zero_optimization.offload_optimizer.device",
                             f'"{device}" runs the optimizer as DeepSpeed\'s CPUAdam op, which cannot be built here '
@@ -533,7 +533,7 @@ def _ds_optimizer_problems(section: dict, config: dict, name: str) -> tuple[list
         problems.append(msg(name, "optimizer.type", f"{otype!r} is neither a DeepSpeed optimizer nor a torch.optim "
                             "class", f"did you mean {guess[0]}?" if guess else "use AdamW"))
         return problems, False
-    lower, stage, device = otype.lower(), _stage(config), _offload(config, "offload_optimizer")
+    lower, stage, device = otype.lower(), _stage(config), offload_device(config, "offload_optimizer")
     untested = kind == "torch" or lower not in ZERO_TESTED
     if untested and stage and not config.get("zero_allow_untested_optimizer"):
         problems.append(msg(name, "optimizer.type", f"{otype!r} is not in ZeRO's tested optimizers: DeepSpeed "
@@ -552,7 +552,7 @@ def _ds_optimizer_problems(section: dict, config: dict, name: str) -> tuple[list
 def _hf_optimizer_problems(config: dict, name: str, training: dict) -> tuple[list[str], bool]:
     """No `optimizer` section: HF builds --optim, and accelerate may swap it under optimizer offload."""
     force = config.get("zero_force_ds_cpu_optimizer", True)
-    if not _offload(config, "offload_optimizer") or not force:
+    if not offload_device(config, "offload_optimizer") or not force:
         return [], False
     optim = _plain(training.get("optim"))
     if optim is None or optim in HF_OPTIM_KEPT_UNDER_OFFLOAD:

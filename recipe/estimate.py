@@ -82,16 +82,12 @@ def shape_from_config(config, name: str = "") -> ModelShape:
 
 def load_shape(name: str | None, revision: str = "main", trust_remote_code: bool = False) -> ModelShape:
     """The shape of a hub id, a local model folder, a config.json, or (None) the embedded tiny model."""
-    from transformers import AutoConfig
+    from recipe.modeling import build_tiny_tokenizer, read_config, tiny_config
 
     if name is None:
-        from recipe.modeling import build_tiny_tokenizer, tiny_config
-
         return shape_from_config(tiny_config(len(build_tiny_tokenizer())), "tiny-llama")
-    path = Path(name)
-    config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path),
-                                        revision=revision, trust_remote_code=trust_remote_code)
-    return shape_from_config(config, path.name if path.exists() else name)
+    config = read_config(name, revision, trust_remote_code)
+    return shape_from_config(config, Path(name).name if Path(name).exists() else name)
 
 
 @dataclass
@@ -299,6 +295,12 @@ class Recommendation:
     reason: str
     candidates: list[dict] = field(default_factory=list)
 
+    @property
+    def flags(self) -> list[str]:
+        """train_ds.py flags that run this recommendation."""
+        return (["--zero_stage", self.config.removeprefix("stage"), "--per_device_train_batch_size",
+                 str(self.micro_batch)] + (["--gradient_checkpointing", "true"] if self.gradient_checkpointing else []))
+
 
 def recommend(shape: ModelShape, configs: dict[str, dict], hw: Hardware, work: Workload,
               max_batch: int = 16, allow_gc: bool = True) -> Recommendation:
@@ -395,9 +397,7 @@ def report(shape: ModelShape, hw: Hardware, work: Workload, rows: list[dict], re
             f"{hw.gpus} x {hw.gpu_name or 'GPU'} ({hw.gpu_memory_gib:.0f} GiB, {hw.usable_gib:.0f} usable)"
             f"{f', {hw.nodes} nodes' if hw.nodes > 1 else ''}"
             f"{f', CPU {hw.cpu_memory_gib:.0f} GiB per node' if hw.cpu_memory_gib else ''}. GiB; peak = max(fwd/bwd, step).")
-    rec_line = (f"Recommended: --zero_stage {rec.config.removeprefix('stage')} --per_device_train_batch_size "
-                f"{rec.micro_batch}{' --gradient_checkpointing true' if rec.gradient_checkpointing else ''}: {rec.reason}."
-                if rec.config else f"Recommended: {rec.reason}")
+    rec_line = f"Recommended: {' '.join(rec.flags)}: {rec.reason}." if rec.config else f"Recommended: {rec.reason}"
     return "\n".join([head, "", format_table(rows, hw), "", rec_line])
 
 

@@ -142,16 +142,23 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
     return model
 
 
+def read_config(name: str, revision: str = "main", trust_remote_code: bool = False):
+    """A model's config from a hub id, a local model folder, or a config.json path."""
+    from transformers import AutoConfig
+
+    path = Path(name)
+    return AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path),
+                                      revision=revision, trust_remote_code=trust_remote_code)
+
+
 def random_model(name: str, kwargs: dict, seed: int):
     """Random weights in the shape of `name`'s config (a folder, a config.json, or a hub id)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    path = Path(name)
     try:
-        config = AutoConfig.from_pretrained(str(path.parent if path.name == "config.json" else path),
-                                            revision=kwargs["revision"], trust_remote_code=kwargs["trust_remote_code"])
+        config = read_config(name, kwargs["revision"], kwargs["trust_remote_code"])
     except OSError as e:
         raise ConfigError([f"--random_init: cannot read a model config from {name} ({str(e).splitlines()[0]}). "
                            "Point --model_name_or_path at a folder with config.json."]) from None

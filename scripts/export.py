@@ -21,6 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER = ("adapter_config.json",)
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -41,8 +44,9 @@ def pick_checkpoint(path: Path) -> Path:
         raise SystemExit(f"error: {path} is not a folder. Pass results/<run>/checkpoints/checkpoint-N.")
     if (path / "config.json").exists() or (path / "adapter_config.json").exists():
         return path
-    found = sorted((p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
+    from recipe.trainer import checkpoints
+
+    found = checkpoints(path)
     if not found:
         raise SystemExit(f"error: {path} holds no config.json and no checkpoint-N folder: not a checkpoint.")
     return found[-1]

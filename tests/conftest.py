@@ -56,6 +56,16 @@ def command(args: list[str], results_dir: Path, nproc: int = 1, launcher: str = 
     return cmd, full_env
 
 
+def load_script(path: Path):
+    """A script (scripts/*.py, train_ds.py) imported as a module, for tests that call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def only_run_dir(results_dir: Path) -> Path:
     runs = [p for p in results_dir.iterdir() if p.is_dir()]
     assert len(runs) == 1, runs

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipe import estimate as E
-from conftest import FAST, ROOT, check_ok, launch, only_run_dir
+from conftest import FAST, ROOT, check_ok, launch, load_script, only_run_dir
 
 MODELS = ROOT / "configs" / "models"
 
@@ -120,11 +120,7 @@ def test_peak_is_the_larger_phase_and_scales_with_batch_and_gpus():
 
 def test_estimates_match_the_committed_measurements():
     """Every committed GPU measurement (results/memory) is within 15% of its estimate."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "estimate_memory.py")
     paths = sorted(str(p) for p in (ROOT / "results" / "memory").glob("*/measured.json"))
     rows = script.measured_rows(paths)
     assert len(rows) >= 20
@@ -173,11 +169,7 @@ def test_micro_batch_search_keeps_within_the_cap():
 
 
 def test_estimate_memory_script_prints_and_writes_json(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "estimate_memory.py")
     out = tmp_path / "est.json"
     assert script.main(["--model", str(MODELS / "llama-3.2-3b"), "--gpus", "2", "--gpu_memory_gib", "80",
                         "--json", str(out)]) == 0
@@ -223,12 +215,9 @@ def test_zero_stage_auto_applies_the_recommendation(monkeypatch, capsys):
 
 def test_hardware_requirements_is_what_the_estimator_generates():
     """HARDWARE_REQUIREMENTS.md is generated: regenerating it from the committed measurements changes nothing."""
-    import importlib.util
     import re
 
-    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "scripts" / "estimate_memory.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script(ROOT / "scripts" / "estimate_memory.py")
     committed = (ROOT / "HARDWARE_REQUIREMENTS.md").read_text()
     measured = re.search(r"--measured ([^`]+)`", committed).group(1).split()
     args = script.parse_args(["--requirements", "unused.md", "--measured", *[str(ROOT / m) for m in measured]])

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, check_ok, command, launch, only_run_dir, read_summary
+from conftest import ROOT, check_ok, command, launch, load_script, only_run_dir, read_summary
 
 CKPT = ["--logging_steps", "1", "--eval_strategy", "no", "--heldout_eval", "false", "--save_strategy", "steps"]
 
@@ -233,14 +233,10 @@ def test_an_unwritable_results_dir_is_named(tmp_path):
 
 
 def test_out_of_memory_message_says_what_would_fit(monkeypatch):
-    import importlib.util
-
     from recipe import estimate as E
     from recipe.config import parse_args
 
-    spec = importlib.util.spec_from_file_location("train_ds", ROOT / "train_ds.py")
-    train_ds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_ds)
+    train_ds = load_script(ROOT / "train_ds.py")
     monkeypatch.setattr(E, "run_hardware", lambda: E.Hardware(1, 24, 1, 256, "made-up GPU"))
     _, targs, margs = parse_args(["--model_name_or_path", str(ROOT / "configs" / "models" / "llama-3.2-1b"),
                                   "--per_device_train_batch_size", "16", "--max_length", "2048", "--report_to", "none"])
