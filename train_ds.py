@@ -128,6 +128,13 @@ def main(script_args, training_args, model_args) -> dict:
     # ── model (after TrainingArguments: under ZeRO-3 the weights are partitioned as they load) ──
     model = modeling.load_model(model_args, training_args, tokenizer, random_init=script_args.random_init)
     speed.apply_speed(model, training_args.speed)
+    if model_args.use_peft:
+        modeling.check_lora_targets(model, model_args.lora_target_modules)
+        if model_args.model_name_or_path is None:  # the tiny default's weights exist nowhere else: keep them
+            modeling.save_base(model, tokenizer, run_dir / "base_model", is_main)
+        elif script_args.random_init:
+            logger.warning("LoRA on random weights (--random_init): the adapter's base cannot be loaded again; "
+                           "fine for benchmarks, not for merging.")
     logger.info("model: %s, %.2fM parameters, partitioned by ZeRO-3 at load: %s; speed options: %s",
                 model_args.model_name_or_path or modeling.TINY_NAME, metrics.count_params(model) / 1e6,
                 all(hasattr(p, "ds_id") for p in model.parameters()), training_args.speed)
@@ -150,9 +157,10 @@ def main(script_args, training_args, model_args) -> dict:
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
         callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback(), nonfinite) if cb is not None]
-        + fault_callbacks(),
+        + [hardware.shm_release_callback()] + fault_callbacks(),
     )
     trainer.meter = metrics.meter_for(model)
+    check_prepared(trainer, train_ds, eval_ds, training_args, is_main)
 
     # ── train ───────────────────────────────────────────────────────────────
     train_metrics, train_loss_mean = {}, None
@@ -219,6 +227,24 @@ def main(script_args, training_args, model_args) -> dict:
         trainer.save_state()
         logger.info("results in %s:\n%s", run_dir, "\n".join(f"  {k}: {v}" for k, v in summary.items()))
     return summary
+
+
+def check_prepared(trainer, train_ds, eval_ds, training_args, is_main: bool) -> None:
+    """What tokenisation and truncation to max_length left of each split (packing keeps every token)."""
+    from recipe.data import check_truncation
+
+    if training_args.packing:
+        return
+    errors = []
+    for split, before, after in (("train", train_ds, trainer.train_dataset), ("eval", eval_ds, trainer.eval_dataset)):
+        if before is None:
+            continue
+        split_errors, warnings = check_truncation(after, len(before), training_args.max_length, split)
+        errors += split_errors
+        for warning in warnings if is_main else []:
+            logger.warning(warning)
+    if errors:
+        raise ConfigError(errors)
 
 
 class TrainingError(RuntimeError):

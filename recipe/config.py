@@ -1,7 +1,8 @@
 """Arguments: our dataclasses beside TRL's, the parser, and the DeepSpeed-config resolution.
 
 Three dataclasses reach main(): ScriptArguments (data, run, reports), TrainConfig (TRL's
-SFTConfig plus the DeepSpeed shorthands) and TRL's ModelConfig (model, LoRA, quantisation).
+SFTConfig plus the DeepSpeed shorthands) and ModelArguments (TRL's ModelConfig: model,
+LoRA, quantisation).
 `--config recipe.yaml` sets defaults; CLI flags win; an unknown key in either is an error.
 """
 
@@ -19,7 +20,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from recipe import REPO_ROOT
 from recipe.ds_check import check_ds_config
-from recipe.hardware import ensure_distributed_env, fix_cuda_arch_list, resolve_precision
+from recipe.hardware import ensure_distributed_env, fix_cuda_arch_list, master_port_problem, resolve_precision
 from recipe.speed import resolve_speed
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class TrainConfig(SFTConfig):
     def __post_init__(self):
         fix_cuda_arch_list()
         ensure_distributed_env()
-        problems = []
+        problems = [p for p in [master_port_problem()] if p]
         self.output_dir_auto = self.output_dir is None
         if self.global_batch_size is not None:
             world = int(os.environ["WORLD_SIZE"])
@@ -236,6 +237,51 @@ class TrainConfig(SFTConfig):
         if problems:
             raise ConfigError(problems)
         super().__post_init__()
+
+
+QUANT_FLAGS = ("load_in_4bit", "load_in_8bit")
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig (model, LoRA, quantisation) with Llama-sensible LoRA/QLoRA defaults.
+
+    LoRA (--use_peft) targets every linear layer of the decoder; QLoRA (--use_peft --load_in_4bit) stores the
+    frozen base in nf4 with double quantisation, in a storage dtype equal to the compute dtype so ZeRO-3 can
+    partition it like any bf16 tensor.
+    """
+
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "LoRA target modules (names of linear layers, e.g. q_proj v_proj). Default all-linear: "
+                  "q/k/v/o and gate/up/down of every layer, not lm_head."},
+    )
+    use_bnb_nested_quant: bool = field(
+        default=True, metadata={"help": "QLoRA: double quantisation (the quantisation constants quantised too)."})
+    bnb_4bit_quant_storage: str | None = field(
+        default=None, metadata={"help": "QLoRA: dtype the 4-bit weights are stored in. Default: the compute dtype "
+                                "(bf16 on GPUs that have it), which ZeRO-3 needs to partition them."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        problems = []
+        quantized = [f"--{k}" for k in QUANT_FLAGS if getattr(self, k)]
+        if quantized and not self.use_peft:
+            problems.append(f"{quantized[0]} quantises the frozen base model, which only LoRA can train: add "
+                            "--use_peft true (QLoRA), or drop it for a full fine-tune.")
+        if quantized:
+            import importlib.util
+
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append(f"{quantized[0]} (QLoRA) needs a CUDA GPU: bitsandbytes' 4/8-bit kernels run there. "
+                                "On this machine use LoRA without quantisation (--use_peft true, no "
+                                f"{quantized[0]}).")
+            elif importlib.util.find_spec("bitsandbytes") is None:
+                problems.append(f"{quantized[0]} needs bitsandbytes: `uv sync` installs it (pip install bitsandbytes).")
+        if problems:
+            raise ConfigError(problems)
 
 
 def ds_config_names() -> list[str]:
@@ -342,7 +388,7 @@ def nvme_problems(config: dict | None, aio=aio_available) -> list[str]:
 
 
 def make_parser() -> TrlParser:
-    parser = TrlParser((ScriptArguments, TrainConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, TrainConfig, ModelArguments))
     parser.allow_abbrev = False  # a typo such as --learning_rat must fail, not match --learning_rate
     return parser
 
@@ -355,7 +401,7 @@ def default_recipe_argv(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelConfig); unknown keys fail.
+    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelArguments); unknown keys fail.
 
     `--zero_stage auto` parses twice: the first pass gives the model and batch to estimate, the
     second applies the recommendation as flags (the last of a repeated flag wins).

@@ -193,3 +193,28 @@ def build_datasets(args, seed: int):
     if eval_ds is not None:
         eval_ds, _ = prepare(eval_ds, fmt, eval_name or f"{args.dataset_name} (eval split)")
     return train, eval_ds, fmt
+
+
+def check_truncation(prepared, rows: int, max_length: int | None, split: str) -> tuple[list[str], list[str]]:
+    """After SFTTrainer has tokenised and truncated a split: (errors, warnings) about what max_length cost.
+
+    TRL drops rows whose completion lies wholly beyond max_length (their prompt fills it); when that is
+    every row, nothing is left to train on.
+    """
+    if prepared is None or max_length is None:
+        return [], []
+    kept = len(prepared)
+    if kept == 0:
+        return [f"none of the {rows} {split} examples has a completion token within --max_length {max_length}: "
+                "each prompt alone fills it (TRL drops such rows). Raise --max_length, shorten the prompts, or "
+                "pass --truncation_mode keep_end to keep the ends of the sequences."], []
+    warnings = []
+    if kept < rows:
+        warnings.append(f"{rows - kept} of {rows} {split} examples dropped: their prompt alone fills --max_length "
+                        f"{max_length}, leaving no completion to learn from.")
+    if "input_ids" in prepared.column_names:
+        cut = sum(len(ids) >= max_length for ids in prepared["input_ids"])
+        if cut:
+            warnings.append(f"{cut} of {kept} {split} examples reach --max_length {max_length} and are truncated "
+                            "(raise it if their endings matter).")
+    return [], warnings

@@ -91,6 +91,26 @@ def ensure_distributed_env(environ=os.environ) -> bool:
     return True
 
 
+def master_port_problem(environ=os.environ) -> str | None:
+    """Rank 0 hosts the rendezvous on MASTER_PORT; if another job holds that port, say so before torch's
+    EADDRINUSE traceback. (torchrun's agent hosts it itself, so the port is busy by design there.)"""
+    if environ.get("RANK", "0") != "0" or environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    addr, port = environ.get("MASTER_ADDR", "127.0.0.1"), environ.get("MASTER_PORT")
+    if not port or not port.isdigit():
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("" if addr not in ("127.0.0.1", "localhost") else addr, int(port)))
+        except OSError as e:
+            if e.errno != 98:  # EADDRINUSE; anything else (a remote MASTER_ADDR) is torch's to report
+                return None
+            return (f"MASTER_PORT {port} is already in use on this host (another training job?): pass a free port "
+                    "to the launcher: `deepspeed --master_port 29511 ...`, `torchrun --master_port 29511 ...` or "
+                    "`scripts/train.sh --master_port 29511 ...`.")
+    return None
+
+
 def resolve_precision(
     bf16: bool | None, fp16: bool, cuda: bool, cuda_bf16: bool
 ) -> tuple[bool, bool, list[str]]:
@@ -123,3 +143,40 @@ def resolve_precision(
 
 def precision_name(bf16: bool, fp16: bool) -> str:
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def shm_buffer(rank: int, environ=os.environ) -> str:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for a rank (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
+            f"{environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffers() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed maps one ~66 MB /dev/shm file per local rank and never unlinks it, so every multi-process CPU
+    run (and every killed one) leaves them behind until /dev/shm, which is RAM, fills. After a barrier every
+    rank has opened every other rank's file, so each can unlink its own: the memory stays mapped until the
+    processes exit, and nothing is left after them.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    try:
+        os.unlink(shm_buffer(dist.get_rank()))
+    except FileNotFoundError:
+        pass
+
+
+def shm_release_callback():
+    """A Trainer callback releasing the buffers above once DeepSpeed's engine (which creates them) is up."""
+    from transformers import TrainerCallback
+
+    class ReleaseShmBuffers(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            release_shm_buffers()
+
+    return ReleaseShmBuffers()

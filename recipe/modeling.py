@@ -131,6 +131,13 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
         return partitioned
     kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
                   attn_implementation=model_args.attn_implementation or "sdpa", dtype=dtype)
+    quantization = quantization_config(model_args, training_args)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, dtype=quantization.bnb_4bit_compute_dtype)
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 partitions the (bf16-stored) 4-bit weights itself
+            import os
+
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     if random_init:
         return random_model(model_args.model_name_or_path, kwargs, training_args.seed)
     try:
@@ -140,6 +147,60 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def quantization_config(model_args, training_args):
+    """QLoRA: bitsandbytes nf4 (or 8-bit) with the compute dtype of training and storage in that dtype (ZeRO-3)."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+                              bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage or compute)
+
+
+def check_lora_targets(model, targets) -> None:
+    """--lora_target_modules must name modules the model has (peft's own error lists none of them)."""
+    import re
+
+    import torch
+
+    if targets is None or targets == "all-linear":
+        return
+    names = [n for n, _ in model.named_modules()]
+    if isinstance(targets, str):  # peft: one string is a regex over the full module name
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
+        raise ConfigError([f"--lora_target_modules {' '.join(missing)}: {model.__class__.__name__} has no such module. "
+                           f"Its linear layers are {' '.join(linear)}; the default all-linear takes them all."])
+
+
+def save_base(model, tokenizer, path: Path, is_main: bool) -> None:
+    """Save the weights LoRA starts from when they exist nowhere else (the tiny default), so the adapter can
+    be merged or loaded later: its adapter_config.json names this folder as its base."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    gather = contextlib.nullcontext()
+    if params:  # ZeRO-3: gather the partitioned weights to save them whole
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params)
+    with gather:
+        if is_main:
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+    model.name_or_path = model.config._name_or_path = str(path.resolve())  # found from any working directory
 
 
 def read_config(name: str, revision: str = "main", trust_remote_code: bool = False):
@@ -163,6 +224,8 @@ def random_model(name: str, kwargs: dict, seed: int):
         raise ConfigError([f"--random_init: cannot read a model config from {name} ({str(e).splitlines()[0]}). "
                            "Point --model_name_or_path at a folder with config.json."]) from None
     config._attn_implementation = kwargs["attn_implementation"]
+    if kwargs.get("quantization_config") is not None:
+        return random_quantized_model(name, config, kwargs, seed)
     set_seed(seed)
     dtype = kwargs["dtype"] if isinstance(kwargs["dtype"], torch.dtype) else torch.float32
     if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
@@ -173,3 +236,31 @@ def random_model(name: str, kwargs: dict, seed: int):
             return AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                     trust_remote_code=kwargs["trust_remote_code"])
     return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=kwargs["trust_remote_code"])
+
+
+def random_quantized_model(name: str, config, kwargs: dict, seed: int):
+    """QLoRA on random weights (benchmarks): bitsandbytes quantises at load, so the random bf16 weights are
+    written once to a temporary folder and loaded from there like any checkpoint."""
+    import os
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    folder = Path(tempfile.gettempdir()) / f"recipe-random-{Path(name).name}-seed{seed}-{os.getuid()}"
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if rank == 0 and not (folder / "config.json").exists():
+        set_seed(seed)
+        device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"],
+                                                     trust_remote_code=kwargs["trust_remote_code"])
+        model.save_pretrained(folder.with_suffix(".partial"))
+        del model
+        folder.with_suffix(".partial").rename(folder)
+    while not (folder / "config.json").exists():  # other local ranks wait for rank 0's copy
+        import time
+
+        time.sleep(2)
+    logger.info("random weights for %s saved in %s, loaded quantised", name, folder)
+    return AutoModelForCausalLM.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k != "revision"})

@@ -45,6 +45,20 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def wandb_reachable(timeout: float = 5.0) -> bool:
+    """Whether the W&B server (WANDB_BASE_URL, default api.wandb.ai) accepts a connection: a compute node
+    without internet otherwise stalls wandb.init for minutes and then fails the run."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def setup_wandb(training_args, run_dir: Path, is_main: bool, resuming: bool = False) -> str | None:
     """Online when logged in, else offline into the run folder. Returns the mode, None when off.
 
@@ -74,6 +88,13 @@ def setup_wandb(training_args, run_dir: Path, is_main: bool, resuming: bool = Fa
                 "Upload later with `uv run wandb sync %s/wandb/offline-run-*`; --report_to none turns W&B off.",
                 run_dir, run_dir,
             )
+    elif os.environ.get("WANDB_MODE", "online") == "online" and is_main and not wandb_reachable():
+        os.environ["WANDB_MODE"] = "offline"
+        logger.warning(
+            "W&B: logged in but %s does not answer (no network on this node?): logging offline to %s/wandb, "
+            "training goes on. Upload later with `uv run wandb sync %s/wandb/offline-run-*`.",
+            os.environ.get("WANDB_BASE_URL") or "api.wandb.ai", run_dir, run_dir,
+        )
     (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
     return os.environ.get("WANDB_MODE", "online")
 
