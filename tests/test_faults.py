@@ -293,3 +293,45 @@ def test_eval_only_ignores_a_leftover_accelerate_deepspeed_flag(tmp_path):
     finally:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     assert args.deepspeed is None and args.deepspeed_plugin is None
+
+
+def test_every_example_longer_than_max_length_is_named(tmp_path):
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "x" * 80 + str(i), "completion": "abc"}) + "\n" for i in range(12)))
+    proc = launch(["--dataset_name", str(rows), "--eval_dataset_name", str(rows), "--max_length", "64",
+                   "--max_steps", "2", "--report_to", "none", "--heldout_eval", "false"], tmp_path / "r")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "none of the 12 train examples has a completion token within --max_length 64" in proc.stderr
+    assert "Raise --max_length" in proc.stderr
+
+
+def test_a_busy_master_port_is_named(monkeypatch):
+    import socket
+
+    from recipe.config import ConfigError, parse_args
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(ConfigError) as err:
+            parse_args(["--report_to", "none"])
+    assert f"MASTER_PORT {port} is already in use" in str(err.value)
+    assert "--master_port" in str(err.value)
+
+
+def test_wandb_unreachable_while_logged_in_goes_offline(tmp_path):
+    from conftest import free_port
+
+    env = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_SILENT": "true",
+           "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+    proc = launch(["--max_steps", "2", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+                   "--heldout_eval", "false", "--report_to", "wandb"], tmp_path, env=env, timeout=300)
+    check_ok(proc)
+    assert "does not answer" in proc.stderr and "logging offline" in proc.stderr
+    run_dir = only_run_dir(tmp_path)
+    assert read_summary(tmp_path)["wandb"] == "offline"
+    assert list((run_dir / "wandb").glob("**/offline-run-*"))
