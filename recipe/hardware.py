@@ -96,6 +96,10 @@ def master_port_problem(environ=os.environ) -> str | None:
     EADDRINUSE traceback. (torchrun's agent hosts it itself, so the port is busy by design there.)"""
     if environ.get("RANK", "0") != "0" or environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # this process already hosts the rendezvous
+        return None
     addr, port = environ.get("MASTER_ADDR", "127.0.0.1"), environ.get("MASTER_PORT")
     if not port or not port.isdigit():
         return None

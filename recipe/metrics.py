@@ -1,6 +1,7 @@
 """Throughput, model FLOPs, MFU and peak memory, measured per logging interval.
 
-Model FLOPs per sequence of length s: 6·N·s + 12·L·h·s² (N: all parameters counted once,
+Model FLOPs per sequence of length s: 6·N·s + 12·L·h·s² (N: all parameters counted once, frozen ones
+(LoRA's base) at 4 instead of 6,
 L layers, h hidden size); the second term is attention's score and value products. Padding is
 not counted: tokens are the attention-mask ones; packed rows restart position_ids at 0.
 """
@@ -33,9 +34,11 @@ def token_stats(inputs: dict) -> tuple:
     return lengths.sum(), (lengths * lengths).sum()
 
 
-def model_flops(tokens: float, sum_sq_lengths: float, n_params: int, n_layers: int, hidden: int) -> float:
-    """Forward + backward model FLOPs: 6·N per token plus attention's 12·L·h·s² per sequence."""
-    return 6.0 * n_params * tokens + 12.0 * n_layers * hidden * sum_sq_lengths
+def model_flops(tokens: float, sum_sq_lengths: float, n_params: int, n_layers: int, hidden: int,
+                frozen_params: int = 0) -> float:
+    """Forward + backward model FLOPs: 6·N per token for trained weights, 4·N for frozen ones (LoRA's base: no
+    weight gradient), plus attention's 12·L·h·s² per sequence."""
+    return (6.0 * n_params + 4.0 * frozen_params) * tokens + 12.0 * n_layers * hidden * sum_sq_lengths
 
 
 class ThroughputMeter:
@@ -45,8 +48,9 @@ class ThroughputMeter:
     Trainer synchronises anyway. Intervals are back to back: the first starts at the first batch.
     """
 
-    def __init__(self, n_params: int, n_layers: int, hidden: int, peak_tflops: float | None, cuda: bool):
-        self.n_params, self.n_layers, self.hidden = n_params, n_layers, hidden
+    def __init__(self, n_params: int, n_layers: int, hidden: int, peak_tflops: float | None, cuda: bool,
+                 frozen_params: int = 0):
+        self.n_params, self.n_layers, self.hidden, self.frozen_params = n_params, n_layers, hidden, frozen_params
         self.peak_tflops = peak_tflops
         self.cuda = cuda
         self.history: list[dict] = []
@@ -72,7 +76,7 @@ class ThroughputMeter:
         now = time.perf_counter()
         elapsed = max(now - (self.start or now), 1e-9)
         tokens, sum_sq = float(self.tokens), float(self.sum_sq)
-        flops = model_flops(tokens, sum_sq, self.n_params, self.n_layers, self.hidden)
+        flops = model_flops(tokens, sum_sq, self.n_params, self.n_layers, self.hidden, self.frozen_params)
         out = {
             "tokens_per_second_per_device": tokens / elapsed,
             "tflops_per_device": flops / elapsed / 1e12,
@@ -98,9 +102,18 @@ class ThroughputMeter:
         return out
 
 
-def count_params(model) -> int:
-    """All parameters counted once (ZeRO-3 partitions report their full size through ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+def param_numel(p) -> int:
+    """A parameter's full size: ZeRO-3 partitions report it through ds_numel, 4-bit weights (QLoRA) through their
+    quantisation state (their storage packs several values per element)."""
+    quant = getattr(p, "quant_state", None)
+    if quant is not None and getattr(quant, "shape", None) is not None:
+        return int(torch.Size(quant.shape).numel())
+    return getattr(p, "ds_numel", p.numel())
+
+
+def count_params(model, trainable: bool | None = None) -> int:
+    """Parameters counted once; trainable=True/False: only those that are / are not trained."""
+    return sum(param_numel(p) for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 def meter_for(model) -> ThroughputMeter:
@@ -109,5 +122,6 @@ def meter_for(model) -> ThroughputMeter:
 
     cuda = torch.cuda.is_available()
     config = model.config
-    return ThroughputMeter(count_params(model), config.num_hidden_layers, config.hidden_size,
-                           peak_tflops(torch.cuda.get_device_name() if cuda else None), cuda)
+    return ThroughputMeter(count_params(model, trainable=True), config.num_hidden_layers, config.hidden_size,
+                           peak_tflops(torch.cuda.get_device_name() if cuda else None), cuda,
+                           frozen_params=count_params(model, trainable=False))

@@ -78,9 +78,11 @@ def measured_rows(paths: list[str]) -> list[dict]:
             shape = E.load_shape(str(ROOT / r["model"]) if not Path(r["model"]).is_absolute() else r["model"])
             hw = E.Hardware(r["num_gpus"], meta["gpu_memory_gib"], gpu_name=meta["gpu"])
             work = E.Workload(seq_len=r["seq_len"], micro_batch=r["batch_size"],
-                              gradient_checkpointing=r["gradient_checkpointing"])
+                              gradient_checkpointing=r["gradient_checkpointing"], method=r.get("method", "full"))
             est = E.estimate(shape, configs[r["config"]], hw, work, r["config"])
-            out.append({**r, "model": Path(r["model"]).name, "gpu": meta["gpu"], "date": meta["date"],
+            method = r.get("method", "full")
+            out.append({**r, "model": Path(r["model"]).name + ("" if method == "full" else f" {method}"),
+                        "gpu": meta["gpu"], "date": meta["date"],
                         "estimate_gib": est["gpu_peak"] / E.GiB, "cpu_estimate_gib": est["cpu_per_node"] / E.GiB,
                         "error": est["gpu_peak"] / E.GiB / r["peak_memory_gib"] - 1})
     return out
@@ -106,7 +108,7 @@ def requirements(a) -> str:
     """HARDWARE_REQUIREMENTS.md, generated."""
     configs = E.shipped_configs()
     measured = measured_rows(a.measured)
-    seen = {(r["model"], r["config"], r["num_gpus"]) for r in measured}
+    seen = {(r["model"].split()[0], r["config"], r["num_gpus"], r.get("method", "full")) for r in measured}
     cmd = "python scripts/estimate_memory.py --requirements HARDWARE_REQUIREMENTS.md --measured " + " ".join(
         str(Path(p).resolve().relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT) else p for p in a.measured)
     out = ["# Hardware requirements", "",
@@ -161,7 +163,7 @@ def requirements(a) -> str:
                 work = E.Workload(seq_len=a.seq_len, method=method, lora_rank=a.lora_r)
                 ests = [E.estimate(shape, c, hw, work, n) for n, c in configs.items()]
                 cells = [f"{e['gpu_peak'] / E.GiB:.1f} / {e['cpu_per_node'] / E.GiB:.0f}"
-                         + (" ✓" if method == "full" and (s, e["config"], g) in seen else "") for e in ests]
+                         + (" ✓" if (s, e["config"], g, method) in seen else "") for e in ests]
                 out.append(f"| {method} | {g} | " + " | ".join(cells) + f" | {ests[0]['checkpoint_disk'] / E.GiB:.0f} |")
     return "\n".join(out) + "\n"
 

@@ -8,7 +8,7 @@ puts the estimates beside them.
 
     uv run python scripts/measure_memory.py --job configs/models/llama-3.2-1b:stage2:1:8 \\
         --job configs/models/llama-3.2-3b:stage3:2:4:gc
-    # job = MODEL:CONFIG:GPUS:MICRO_BATCH[:gc]   (gc: gradient checkpointing on)
+    # job = MODEL:CONFIG:GPUS:MICRO_BATCH[:gc][:lora|:qlora]   (gc: gradient checkpointing on)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--job", action="append", required=True, metavar="MODEL:CONFIG:GPUS:BATCH[:gc]")
+    p.add_argument("--job", action="append", required=True, metavar="MODEL:CONFIG:GPUS:BATCH[:gc][:lora|:qlora]")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--max_steps", type=int, default=4)
     p.add_argument("--work_dir", default="/tmp/recipe-memory")
@@ -38,18 +38,23 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+METHOD_FLAGS = {"full": [], "lora": ["--use_peft", "true"], "qlora": ["--use_peft", "true", "--load_in_4bit", "true"]}
+
+
 def parse_job(spec: str) -> dict:
     parts = spec.split(":")
-    if len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "gc"):
-        raise SystemExit(f"error: --job {spec}: expected MODEL:CONFIG:GPUS:BATCH[:gc], e.g. "
+    options = set(parts[4:])
+    if len(parts) < 4 or not options <= {"gc", *METHOD_FLAGS} or len(options & set(METHOD_FLAGS)) > 1:
+        raise SystemExit(f"error: --job {spec}: expected MODEL:CONFIG:GPUS:BATCH[:gc][:lora|:qlora], e.g. "
                          "configs/models/llama-3.2-1b:stage2:1:8")
     return {"model": parts[0], "config": parts[1].removesuffix(".json"), "num_gpus": int(parts[2]),
-            "batch_size": int(parts[3]), "gradient_checkpointing": len(parts) == 5}
+            "batch_size": int(parts[3]), "gradient_checkpointing": "gc" in options,
+            "method": next(iter(options & set(METHOD_FLAGS)), "full")}
 
 
 def run_job(a, job: dict, gpu_ids: list[int], port: int, data: Path, logs: Path) -> dict:
     name = (f"{Path(job['model']).name}_{job['config']}_g{job['num_gpus']}_b{job['batch_size']}"
-            + ("_gc" if job["gradient_checkpointing"] else ""))
+            + ("_gc" if job["gradient_checkpointing"] else "") + ("" if job["method"] == "full" else f"_{job['method']}"))
     results = Path(a.work_dir) / "runs"
     cmd = [str(ROOT / "scripts" / "train.sh"), "--gpus", ",".join(map(str, gpu_ids)), "--master_port", str(port),
            "--model_name_or_path", job["model"], "--random_init", "true", "--tokenizer_name_or_path", "tiny",
@@ -60,7 +65,7 @@ def run_job(a, job: dict, gpu_ids: list[int], port: int, data: Path, logs: Path)
            "--max_length", str(a.seq_len), "--max_steps", str(a.max_steps), "--logging_steps", "1",
            "--learning_rate", "1e-5", "--save_strategy", "no", "--save_final_model", "false",
            "--heldout_eval", "false", "--report_to", "none", "--seed", "0",
-           "--results_dir", str(results), "--run_name", name, *a.extra.split()]
+           "--results_dir", str(results), "--run_name", name, *METHOD_FLAGS[job["method"]], *a.extra.split()]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     row = {**job, "seq_len": a.seq_len, "status": "failed"}
     t0 = time.time()

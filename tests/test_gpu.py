@@ -81,3 +81,42 @@ def test_zero_stage_auto_trains_within_its_estimate(tmp_path):
                      E.Hardware(1, 80), E.Workload(micro_batch=summary["per_device_batch_size"],
                                                    gradient_checkpointing=summary["gradient_checkpointing"]))
     assert summary["peak_memory_gib"] <= 1.15 * est["gpu_peak"] / 2**30, (summary, est["gpu_peak"] / 2**30)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny default saved as a model folder (QLoRA loads weights from disk to quantise them)."""
+    from recipe import modeling
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = modeling.build_tiny_tokenizer()
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(modeling.tiny_config(len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("stage,nproc", [("2", 1), ("3", 2)])
+def test_qlora_with_gradient_checkpointing_saves_and_resumes(tmp_path, tiny_folder, stage, nproc):
+    """QLoRA (nf4, stored in bf16) under ZeRO-2 and ZeRO-3 with gradient checkpointing: the adapter is saved
+    whole (not the empty shards ZeRO-3 gives by default) and the run resumes."""
+    from safetensors.torch import load_file
+
+    if gpus() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
+    args = [*STEPS, "--model_name_or_path", str(tiny_folder), "--dataset_name", "data/train.jsonl",
+            "--eval_dataset_name", "data/test.jsonl", "--heldout_eval", "false", "--use_peft", "true",
+            "--load_in_4bit", "true", "--gradient_checkpointing", "true", "--zero_stage", stage,
+            "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "4"]
+    launcher = "deepspeed" if nproc > 1 else "python"
+    env = {"NCCL_NVLS_ENABLE": "0"}
+    check_ok(launch([*args, "--max_steps", "8"], tmp_path, nproc=nproc, launcher=launcher, env=env))
+    run_dir = only_run_dir(tmp_path)
+    tensors = load_file(run_dir / "model" / "adapter_model.safetensors")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    assert all(t.abs().sum() > 0 for n, t in tensors.items() if "lora_B" in n)
+    check_ok(launch([*args, "--max_steps", "12"], tmp_path, nproc=nproc, launcher=launcher, env=env))
+    summary = read_summary(tmp_path)
+    assert summary["resumed_from"].endswith("checkpoint-8") and summary["global_step"] == 12
+    assert math.isfinite(summary["train_loss"]) and summary["train_loss"] < train_losses(run_dir)[0]
