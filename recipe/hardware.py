@@ -104,6 +104,8 @@ def master_port_problem(environ=os.environ) -> str | None:
     if not port or not port.isdigit():
         return None
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as torch's TCPStore does: a port left in TIME_WAIT by the previous run is free, a listening one is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("" if addr not in ("127.0.0.1", "localhost") else addr, int(port)))
         except OSError as e:
