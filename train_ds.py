@@ -214,6 +214,7 @@ def main(script_args, training_args, model_args) -> dict:
         "perplexity": eval_metrics.get("perplexity"),
         "train_runtime_s": train_metrics.get("train_runtime"),
         "resumed_from": resume,
+        "resumed_from_world_size": trainer.resume_plan.saved_world_size if trainer.resume_plan else None,
         "wandb": wandb_mode,
         "git_commit": commit,
         "peak_memory_gib": None,

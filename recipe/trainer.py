@@ -30,7 +30,43 @@ class ThroughputMixin:
 
 
 class RecipeTrainer(ThroughputMixin, SFTTrainer):
-    """SFTTrainer with live throughput metrics and the recipe's fused-loss choice."""
+    """SFTTrainer with live throughput metrics, the recipe's fused-loss choice, and resume on another process
+    count (recipe.universal: a ZeRO checkpoint written by N processes is converted to DeepSpeed's universal
+    checkpoint and loaded on M)."""
+
+    resume_plan = None  # recipe.universal.ResumePlan of a DeepSpeed resume (world sizes, universal or not)
+    universal = None  # the same, when it goes through a universal checkpoint
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or resume_from_checkpoint
+        self.resume_plan = self.universal = None
+        if isinstance(resume_from_checkpoint, (str, Path)) and self.is_deepspeed_enabled:
+            from recipe.universal import prepare_resume
+
+            plan = prepare_resume(str(resume_from_checkpoint), self.args, self.accelerator.state.deepspeed_plugin)
+            self.resume_plan, self.universal = plan, (plan if plan.universal else None)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # the Trainer calls this right after its DeepSpeed engine.load_checkpoint (transformers 5: _prepare_for_training)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.universal is not None and checkpoint is not None:
+            from recipe.universal import finish_load
+
+            finish_load(self.universal, self.model_wrapped, self.accelerator.state.deepspeed_plugin)
+
+    def _load_rng_state(self, checkpoint):
+        plan = self.resume_plan
+        if plan is not None and checkpoint is not None and plan.saved_world_size not in (None, self.args.world_size):
+            # rng_state_<rank>.pth belong to the old ranks (new ranks have none; CUDA states list the old GPUs);
+            # the seeded generators stay. The data order does not depend on them (a seeded sampler); dropout would.
+            logger.info("RNG states of %s not restored: written by %d process(es), this run has %d.",
+                        Path(checkpoint).name, plan.saved_world_size, self.args.world_size)
+            return
+        super()._load_rng_state(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.token_metrics and self.args.speed.get("fused_loss") == "trl":
@@ -95,7 +131,9 @@ class CheckpointCompleteCallback(TrainerCallback):
             dist.barrier()  # every rank's shards are on disk
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and path.is_dir():
-            write_json(path / COMPLETE_MARKER, {"global_step": state.global_step, "time": time.time()})
+            # world_size: how many processes wrote it (recipe.universal resumes it on another count)
+            write_json(path / COMPLETE_MARKER, {"global_step": state.global_step, "time": time.time(),
+                                                "world_size": args.world_size})
 
 
 class NonFiniteLossCallback(TrainerCallback):

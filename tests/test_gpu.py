@@ -97,17 +97,18 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("stage,nproc", [("2", 1), ("3", 2)])
-def test_qlora_with_gradient_checkpointing_saves_and_resumes(tmp_path, tiny_folder, stage, nproc):
-    """QLoRA (nf4, stored in bf16) under ZeRO-2 and ZeRO-3 with gradient checkpointing: the adapter is saved
-    whole (not the empty shards ZeRO-3 gives by default) and the run resumes."""
+@pytest.mark.parametrize("method,stage,nproc", [("qlora", "2", 1), ("qlora", "3", 2), ("qlora", "2", 2),
+                                               ("qlora", "3", 1), ("lora", "2", 2), ("lora", "3", 1)])
+def test_lora_and_qlora_with_gradient_checkpointing_save_and_resume(tmp_path, tiny_folder, method, stage, nproc):
+    """LoRA and QLoRA (nf4, stored in bf16) under ZeRO-2 and ZeRO-3 on 1 and 2 GPUs with gradient checkpointing:
+    the adapter is saved whole (not the empty shards ZeRO-3 gives by default) and the run resumes."""
     from safetensors.torch import load_file
 
     if gpus() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
     args = [*STEPS, "--model_name_or_path", str(tiny_folder), "--dataset_name", "data/train.jsonl",
             "--eval_dataset_name", "data/test.jsonl", "--heldout_eval", "false", "--use_peft", "true",
-            "--load_in_4bit", "true", "--gradient_checkpointing", "true", "--zero_stage", stage,
+            "--load_in_4bit", str(method == "qlora").lower(), "--gradient_checkpointing", "true", "--zero_stage", stage,
             "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "4"]
     launcher = "deepspeed" if nproc > 1 else "python"
     env = {"NCCL_NVLS_ENABLE": "0"}
