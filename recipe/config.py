@@ -212,7 +212,8 @@ class TrainConfig(SFTConfig):
             self.use_cpu = True
             if "OMP_NUM_THREADS" not in os.environ:
                 # share the cores between the local ranks instead of oversubscribing them
-                threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"]))
+                threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+                                                               or os.environ["WORLD_SIZE"]))
                 os.environ["OMP_NUM_THREADS"] = str(threads)
                 torch.set_num_threads(threads)
         self.bf16, self.fp16, precision_problems = resolve_precision(

@@ -371,11 +371,11 @@ def format_table(rows: list[dict], hw: Hardware | None = None) -> str:
 
 
 def run_hardware() -> Hardware | None:
-    """The GPUs this launch uses: LOCAL_WORLD_SIZE per node x WORLD_SIZE / LOCAL_WORLD_SIZE nodes."""
+    """The GPUs this launch uses: LOCAL_WORLD_SIZE (LOCAL_SIZE) per node x WORLD_SIZE / that nodes."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)  # DeepSpeed's launcher: LOCAL_SIZE
     return detect_hardware(local, max(1, world // local))
 
 
