@@ -308,8 +308,12 @@ def test_every_example_longer_than_max_length_is_named(tmp_path):
 def test_a_busy_master_port_is_named(monkeypatch):
     import socket
 
+    import torch.distributed
+
     from recipe.config import ConfigError, parse_args
 
+    # an earlier in-process test may have set up torch.distributed here, which the check rightly skips
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
