@@ -151,8 +151,8 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
 
 def quantization_config(model_args, training_args):
     """QLoRA: bitsandbytes nf4 (or 8-bit) with the compute dtype of training and storage in that dtype (ZeRO-3)."""
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        return None
+    if not (getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)):
+        return None  # (scripts call load_model with a few fields only)
     import torch
     from transformers import BitsAndBytesConfig
 
