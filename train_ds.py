@@ -18,13 +18,14 @@ same W&B run); --resume_from_checkpoint false starts over, a checkpoint path res
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 import sys
 from pathlib import Path
 
-from recipe.config import ConfigError, parse_args
+from recipe.config import ConfigError, TrainingError, parse_args
 
 logger = logging.getLogger("train_ds")
 
@@ -34,10 +35,36 @@ def run_name_for(script_args, training_args, model_args) -> str:
     data = Path(script_args.dataset_name).stem
     ds = Path(training_args.ds_config_path).stem if training_args.ds_config_path else (
         "eval" if training_args.eval_only else "custom-ds")
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{data}_{ds}")
+    method = "_qlora" if model_args.load_in_4bit else "_lora" if model_args.use_peft else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{data}_{ds}{method}")
 
 
-def resolve_resume(value: str | None, output_dir: str, is_main: bool) -> str | None:
+def what_trains(model_args) -> dict:
+    """What a checkpoint's weights and optimizer state belong to, kept in its completion marker: a resume into
+    another model or method (a LoRA run finding a full fine-tune's checkpoint) is refused by name."""
+    peft, targets = bool(model_args.use_peft), model_args.lora_target_modules
+    return {"model": Path(model_args.model_name_or_path or "tiny-llama").name,
+            "method": "qlora" if model_args.load_in_4bit else "lora" if peft else "full",
+            "lora_r": model_args.lora_r if peft else None,
+            "lora_target_modules": (sorted(targets) if isinstance(targets, list) else targets) if peft else None}
+
+
+def check_same_training(checkpoint: str | Path, trains: dict | None) -> None:
+    from recipe.trainer import COMPLETE_MARKER
+
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    saved = json.loads(marker.read_text()).get("trains") if trains and marker.is_file() else None
+    if not saved or saved == trains:  # markers from before this check carry no "trains"
+        return
+    differ = ", ".join(f"{k} {saved.get(k)!r} there, {trains.get(k)!r} here" for k in sorted(trains)
+                       if saved.get(k) != trains.get(k))
+    raise ConfigError([f"{checkpoint} was saved by a run that trains something else ({differ}); its weights and "
+                       "optimizer state cannot be loaded into this one. Give this run its own folder with "
+                       "--run_name <new name> (or --output_dir), or pass --resume_from_checkpoint false to start over "
+                       "in this folder (its checkpoints are then replaced)."])
+
+
+def resolve_resume(value: str | None, output_dir: str, is_main: bool, trains: dict | None = None) -> str | None:
     """'auto' (default), 'last', 'true' -> the newest complete checkpoint in output_dir, or None; a path stays.
 
     A checkpoint is complete when every rank finished writing it (recipe.trainer.CheckpointCompleteCallback
@@ -62,6 +89,7 @@ def resolve_resume(value: str | None, output_dir: str, is_main: bool) -> str | N
             if is_main:
                 broken.rename(broken.with_name("incomplete-" + broken.name))
         if found:
+            check_same_training(found[-1], trains)
             logger.info("resuming from %s (rerun with --resume_from_checkpoint false to start over).", found[-1])
             return str(found[-1])
         if value is not None and value.lower() != "auto":
@@ -73,6 +101,7 @@ def resolve_resume(value: str | None, output_dir: str, is_main: bool) -> str | N
                            f"Use 'last' to take the newest complete one in {output_dir}."])
     if not is_complete(Path(value)):
         logger.warning("%s has no completion marker: it may be incomplete (resuming from it as asked).", value)
+    check_same_training(value, trains)
     return value
 
 
@@ -81,7 +110,7 @@ def main(script_args, training_args, model_args) -> dict:
 
     from recipe import data, hardware, metrics, modeling, report, speed
     from recipe.trainer import (CheckpointCompleteCallback, HeldoutCallback, NonFiniteLossCallback, RecipeTrainer,
-                                RunInfoCallback, fault_callbacks)
+                                ReleaseShmBuffersCallback, RunInfoCallback, fault_callbacks)
 
     # ── logging and run folder ──────────────────────────────────────────────
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -147,7 +176,8 @@ def main(script_args, training_args, model_args) -> dict:
                                   synced_gpus=training_args.deepspeed_plugin is not None
                                   and training_args.deepspeed_plugin.zero_stage == 3 and world > 1)
     resume = None if training_args.eval_only else resolve_resume(training_args.resume_from_checkpoint,
-                                                                    training_args.output_dir, is_main)
+                                                                    training_args.output_dir, is_main,
+                                                                    what_trains(model_args))
     nonfinite = NonFiniteLossCallback()
     wandb_mode = report.setup_wandb(training_args, run_dir, is_main, resuming=resume is not None)
     commit = report.git_commit()
@@ -156,8 +186,8 @@ def main(script_args, training_args, model_args) -> dict:
     trainer = RecipeTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback(), nonfinite) if cb is not None]
-        + [hardware.shm_release_callback()] + fault_callbacks(),
+        callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback(what_trains(model_args)), nonfinite,
+                                 ReleaseShmBuffersCallback()) if cb is not None] + fault_callbacks(),
     )
     trainer.meter = metrics.meter_for(model)
     check_prepared(trainer, train_ds, eval_ds, training_args, is_main)
@@ -246,10 +276,6 @@ def check_prepared(trainer, train_ds, eval_ds, training_args, is_main: bool) -> 
             logger.warning(warning)
     if errors:
         raise ConfigError(errors)
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can fix; the message says how. Exit code 3."""
 
 
 def torch_oom():

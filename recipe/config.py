@@ -38,6 +38,10 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) with the configuration:\n{lines}")
 
 
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can fix; the message says how. Exit code 3."""
+
+
 @dataclass
 class ScriptArguments:
     """Data, run naming and reporting. Model flags come from TRL's ModelConfig."""

@@ -213,7 +213,11 @@ def check_truncation(prepared, rows: int, max_length: int | None, split: str) ->
         warnings.append(f"{rows - kept} of {rows} {split} examples dropped: their prompt alone fills --max_length "
                         f"{max_length}, leaving no completion to learn from.")
     if "input_ids" in prepared.column_names:
-        cut = sum(len(ids) >= max_length for ids in prepared["input_ids"])
+        import pyarrow.compute as pc
+
+        # counted in Arrow: reading the column into Python lists would copy every token id of the dataset
+        lengths = pc.list_value_length(prepared.with_format("arrow")["input_ids"])
+        cut = pc.sum(pc.greater_equal(lengths, max_length)).as_py() or 0
         if cut:
             warnings.append(f"{cut} of {kept} {split} examples reach --max_length {max_length} and are truncated "
                             "(raise it if their endings matter).")

@@ -6,6 +6,7 @@ device and the process group.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -70,7 +71,7 @@ def fix_cuda_arch_list(environ=os.environ) -> str | None:
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))  # free on every address: torch's TCPStore listens on all of them
         return s.getsockname()[1]
 
 
@@ -100,16 +101,16 @@ def master_port_problem(environ=os.environ) -> str | None:
 
     if dist.is_available() and dist.is_initialized():  # this process already hosts the rendezvous
         return None
-    addr, port = environ.get("MASTER_ADDR", "127.0.0.1"), environ.get("MASTER_PORT")
+    port = environ.get("MASTER_PORT")
     if not port or not port.isdigit():
         return None
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # as torch's TCPStore does: a port left in TIME_WAIT by the previous run is free, a listening one is not
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("" if addr not in ("127.0.0.1", "localhost") else addr, int(port)))
+            s.bind(("", int(port)))  # TCPStore listens on every address, so a holder on any of them counts
         except OSError as e:
-            if e.errno != 98:  # EADDRINUSE; anything else (a remote MASTER_ADDR) is torch's to report
+            if e.errno != errno.EADDRINUSE:  # anything else is torch's to report
                 return None
             return (f"MASTER_PORT {port} is already in use on this host (another training job?): pass a free port "
                     "to the launcher: `deepspeed --master_port 29511 ...`, `torchrun --master_port 29511 ...` or "
@@ -176,13 +177,3 @@ def release_shm_buffers() -> None:
     except FileNotFoundError:
         pass
 
-
-def shm_release_callback():
-    """A Trainer callback releasing the buffers above once DeepSpeed's engine (which creates them) is up."""
-    from transformers import TrainerCallback
-
-    class ReleaseShmBuffers(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            release_shm_buffers()
-
-    return ReleaseShmBuffers()

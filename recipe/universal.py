@@ -127,8 +127,9 @@ def plan_resume(checkpoint: str | Path, world_size: int, zero_stage: int | None,
             f"{ckpt.name} was written by {saved} process(es) with ZeRO stage {'3' if stage == 3 else '1/2'}; this run "
             f"has {world_size} with ZeRO stage 0, which cannot load ZeRO-partitioned optimizer state. Resume with "
             f"--zero_stage 1, 2 or 3 (a different count works there), or on {saved} process(es)."])
-    zero = (ds_config or {}).get("zero_optimization", {})
-    if isinstance(zero.get("offload_optimizer"), dict) and zero["offload_optimizer"].get("device") == "nvme":
+    from recipe.ds_check import offload_device
+
+    if offload_device(ds_config or {}, "offload_optimizer") == "nvme":
         raise ConfigError([
             f"{ckpt.name} was written by {saved} process(es); this run has {world_size} and offloads the optimizer to "
             "NVMe, where DeepSpeed cannot load a universal checkpoint. Resume on the same count, or with "

@@ -270,6 +270,76 @@ def test_resume_from_a_path_that_does_not_exist(tmp_path):
     assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr and "'last'" in proc.stderr
 
 
+def can_mount_tmpfs() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+# in a mount namespace of its own (unshare -rm: no root needed), the run's folder is a small tmpfs; what the run
+# wrote is copied out before the namespace, and the tmpfs with it, goes away
+ON_SMALL_DISK = """mount -t tmpfs -o size="$1" tmpfs "$2" || exit 90
+disk=$2; copy=$3; shift 3
+"$@"; rc=$?
+cp -a "$disk/." "$copy/"
+exit $rc"""
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare -rm (user and mount namespaces) to mount a tmpfs")
+def test_a_disk_that_fills_up_during_a_save(tmp_path):
+    """A real full disk: results on a 28 MiB tmpfs, where the checkpoint of step 2 (~17 MiB with its optimizer
+    state) fits and that of step 4 does not. The run stops (exit 3) naming the disk, the space and the fix;
+    checkpoint-2 stays complete, and the same command on a disk with room resumes from it and finishes. The warning
+    came at checkpoint-2 already, from its size and the space left."""
+    args = [*CKPT, "--save_steps", "2", "--max_steps", "6", "--report_to", "none", "--save_final_model", "false"]
+    disk, copy = tmp_path / "disk", tmp_path / "copy"
+    disk.mkdir()
+    copy.mkdir()
+    cmd, env = command(args, disk / "results")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", ON_SMALL_DISK, "sh", "28m", str(disk), str(copy), *cmd],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "needs room for 2 more checkpoint(s) at once (--save_total_limit 2): the disk fills at checkpoint-4" \
+        in proc.stderr  # said at checkpoint-2 (the default recipe keeps 2: 2 and 4 before 2 is deleted)
+    assert "the disk filled up while saving checkpoint-4" in proc.stderr, proc.stderr[-4000:]
+    assert "checkpoint-2 is complete and untouched" in proc.stderr and "--save_total_limit" in proc.stderr
+    ckpts = only_run_dir(copy / "results") / "checkpoints"
+    assert (ckpts / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    assert not (ckpts / "checkpoint-4" / "checkpoint_complete.json").exists()
+    proc = launch(args, copy / "results")  # the same command, with room now
+    check_ok(proc)
+    summary = read_summary(copy / "results")
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 6
+    assert (ckpts / "incomplete-checkpoint-4").is_dir()
+
+
+def test_a_checkpoint_of_another_model_or_method_is_not_resumed(tmp_path):
+    """A LoRA run gets its own folder (run name ..._lora); pointed at a full fine-tune's checkpoint anyway (same
+    --run_name, or a path), it stops with what differs instead of failing deep inside DeepSpeed's loader."""
+    from types import SimpleNamespace
+
+    from recipe.config import ConfigError, parse_args
+    from recipe.trainer import CheckpointCompleteCallback
+
+    train_ds = load_script(ROOT / "train_ds.py")
+    full, lora = parse_args(["--report_to", "none"]), parse_args(["--use_peft", "true", "--report_to", "none"])
+    assert train_ds.run_name_for(*lora) == train_ds.run_name_for(*full) + "_lora"
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    CheckpointCompleteCallback(train_ds.what_trains(full[2])).on_save(
+        SimpleNamespace(output_dir=str(tmp_path), world_size=1, save_strategy="no"),
+        SimpleNamespace(global_step=4, is_world_process_zero=True), None)
+    assert train_ds.resolve_resume(None, str(tmp_path), True, train_ds.what_trains(full[2])) == str(ckpt)
+    for value in (None, str(ckpt)):
+        with pytest.raises(ConfigError) as err:
+            train_ds.resolve_resume(value, str(tmp_path), True, train_ds.what_trains(lora[2]))
+        assert "method 'full' there, 'lora' here" in str(err.value) and "--run_name <new name>" in str(err.value)
+    assert train_ds.resolve_resume("false", str(tmp_path), True, train_ds.what_trains(lora[2])) is None
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--global_batch_size", "50", "--per_device_train_batch_size", "32"], "is not a multiple of per-device batch"),
     (["--bf16", "true", "--fp16", "true"], "choose one"),

@@ -76,6 +76,34 @@ def test_local_modes_build_the_deepspeed_command():
     assert script_args == ["--zero_stage", "3", "--num_gpus", "9"]  # after `--`: train_ds.py's, untouched
 
 
+def test_offload_configs_bind_each_rank_to_its_own_cores(tmp_path):
+    """With numactl on PATH, an offload config (flag or recipe) gets --bind_cores_to_rank; --no_bind_cores, a
+    config without offload, or a user's own --bind_core_list do not; nor the ssh mode (other nodes' numactl)."""
+    (tmp_path / "numactl").write_text("#!/bin/sh\n")
+    (tmp_path / "numactl").chmod(0o755)
+    env = clean_env(PATH=f"{tmp_path}{os.pathsep}{clean_env()['PATH']}")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("max_steps: 4\nzero_stage: 3_offload\n")
+
+    def launcher(*args: str, env=env) -> list[str]:
+        proc = train_sh("--dry_print", *args, env=env)
+        words = printed(proc)
+        return words[:words.index("train_ds.py")]
+
+    for args in (["--zero_stage", "3_offload"], ["--zero_stage=2_offload"], ["--config", str(recipe)],
+                 ["--deepspeed", "ds_configs/stage3_offload.json"],
+                 ["--nnodes", "2", "--node_rank", "1", "--master_addr", "n0", "--zero_stage", "3_offload"]):
+        assert "--bind_cores_to_rank" in launcher(*args), args
+    for args in (["--zero_stage", "3_offload", "--no_bind_cores"], ["--zero_stage", "3"],
+                 ["--zero_stage", "3_offload", "--bind_core_list", "0-7"]):
+        assert "--bind_cores_to_rank" not in launcher(*args), args
+    if not shutil.which("numactl", path=clean_env()["PATH"]):  # and where there is no numactl, nothing to bind with
+        assert "--bind_cores_to_rank" not in launcher("--zero_stage", "3_offload", env=clean_env())
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1\nb slots=1\n")
+    assert "--bind_cores_to_rank" not in launcher("--hostfile", str(hostfile), "--zero_stage", "3_offload")
+
+
 def test_hostfile_mode_passes_the_environment_but_no_secrets(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=8\n\nnode-b slots=8\n")
@@ -217,13 +245,13 @@ def reference_losses(tmp_path_factory) -> list[float]:
     return losses
 
 
-@pytest.mark.slow
-def test_two_nodes_without_ssh_train_like_one_node_of_two(tmp_path, reference_losses):
-    """Two train.sh launchers (--nnodes 2 --node_rank 0|1, master 127.0.0.1), as SLURM starts them: same losses."""
+def two_nodes(gpus_of, results_dir: Path, env: dict) -> list[str]:
+    """Two train.sh launchers on this host as two nodes without ssh (node ranks 0 and 1, master 127.0.0.1), each
+    with the GPU flags gpus_of(rank); both must succeed. Their logs."""
     port = str(free_port())
     nodes = [start([str(ROOT / "scripts" / "train.sh"), "--nnodes", "2", "--node_rank", str(rank), "--master_addr",
-                    "127.0.0.1", "--master_port", port, "--num_gpus", "1", *RUN, "--results_dir", str(tmp_path)],
-                   clean_env()) for rank in (0, 1)]
+                    "127.0.0.1", "--master_port", port, *gpus_of(rank), *RUN, "--results_dir", str(results_dir)], env)
+             for rank in (0, 1)]
     try:
         logs = [finish(node) for node in nodes]
     finally:
@@ -233,7 +261,15 @@ def test_two_nodes_without_ssh_train_like_one_node_of_two(tmp_path, reference_lo
     for node, log in zip(nodes, logs):
         assert node.returncode == 0, log[-6000:]
     for rank, log in enumerate(logs):
-        assert "--no_ssh" in log and f"nnodes=2, num_local_procs=1, node_rank={rank}" in log
+        assert f"nnodes=2, num_local_procs=1, node_rank={rank}" in log
+    return logs
+
+
+@pytest.mark.slow
+def test_two_nodes_without_ssh_train_like_one_node_of_two(tmp_path, reference_losses):
+    """Two train.sh launchers (--nnodes 2 --node_rank 0|1, master 127.0.0.1), as SLURM starts them: same losses."""
+    logs = two_nodes(lambda rank: ["--num_gpus", "1"], tmp_path, clean_env())
+    assert all("--no_ssh" in log for log in logs)
     summary = read_summary(tmp_path)  # one run folder, written by global rank 0 only
     assert summary["world_size"] == 2 and summary["global_step"] == 4
     assert train_losses(only_run_dir(tmp_path)) == pytest.approx(reference_losses, rel=1e-6, abs=0)
@@ -287,3 +323,27 @@ def test_hostfile_over_ssh_trains_like_one_node_and_carries_the_environment(tmp_
     summary = read_summary(tmp_path / "results")
     assert summary["world_size"] == 2 and summary["global_step"] == 4
     assert train_losses(only_run_dir(tmp_path / "results")) == pytest.approx(reference_losses, rel=1e-6, abs=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_two_nodes_of_one_gpu_train_like_one_node_of_two_gpus(tmp_path):
+    """On a 2-GPU host: two train.sh launchers without ssh, node 0 on GPU 0 and node 1 on GPU 1 (NCCL between them),
+    against `train.sh --num_gpus 2`: the same losses (bf16; the same two ranks, only the launch differs)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    env = clean_env(NCCL_NVLS_ENABLE="0")
+    one = start([str(ROOT / "scripts" / "train.sh"), "--num_gpus", "2", "--master_port", str(free_port()), *RUN,
+                 "--results_dir", str(tmp_path / "one")], env)
+    log = finish(one)
+    assert one.returncode == 0, log[-6000:]
+    logs = two_nodes(lambda rank: ["--gpus", str(rank)], tmp_path / "two", env)
+    for rank, log in enumerate(logs):
+        assert f"CUDA_VISIBLE_DEVICES={rank}" in log
+    one_node, two_nodes = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
+    assert one_node["world_size"] == two_nodes["world_size"] == 2 and two_nodes["precision"] == "bf16"
+    reference, losses = train_losses(only_run_dir(tmp_path / "one")), train_losses(only_run_dir(tmp_path / "two"))
+    print(f"one node of 2 GPUs: {reference}\ntwo nodes of 1 GPU: {losses}")
+    assert losses == pytest.approx(reference, rel=1e-3, abs=0)
