@@ -342,8 +342,8 @@ def test_two_nodes_of_one_gpu_train_like_one_node_of_two_gpus(tmp_path):
     logs = two_nodes(lambda rank: ["--gpus", str(rank)], tmp_path / "two", env)
     for rank, log in enumerate(logs):
         assert f"CUDA_VISIBLE_DEVICES={rank}" in log
-    one_node, two_nodes = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
-    assert one_node["world_size"] == two_nodes["world_size"] == 2 and two_nodes["precision"] == "bf16"
+    one_summary, two_summary = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
+    assert one_summary["world_size"] == two_summary["world_size"] == 2 and two_summary["precision"] == "bf16"
     reference, losses = train_losses(only_run_dir(tmp_path / "one")), train_losses(only_run_dir(tmp_path / "two"))
     print(f"one node of 2 GPUs: {reference}\ntwo nodes of 1 GPU: {losses}")
     assert losses == pytest.approx(reference, rel=1e-3, abs=0)
