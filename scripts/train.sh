@@ -17,7 +17,8 @@
 #   --bind_cores_to_rank, --bind_core_list 0-31, --include, --exclude, --launcher, --launcher_args, --ssh_port,
 #   --no_ssh_check, --enable_each_rank_log DIR, --venv_script F   go to the DeepSpeed launcher (deepspeed --help)
 #   --no_bind_cores              with a CPU-offload config, train.sh binds each local rank to its own cores
-#                                (--bind_cores_to_rank, when numactl is here and not over ssh); this turns that off
+#                                (--bind_cores_to_rank, within --bind_core_list if given; when numactl is here and
+#                                not over ssh); this turns that off
 #   --dry_print                  print the command (and write the launch files) without running it
 # Every other argument goes to train_ds.py untouched (also everything after `--`), so hyperparameters live only in
 # recipes and flags. GPUs with NVLink multicast issues: export NCCL_NVLS_ENABLE=0 before calling.
@@ -182,7 +183,7 @@ if [[ -n "$gpu_ids" ]]; then  # nodes: these GPU ids on each of the (first --nno
 fi
 if [[ -n "$num_gpus" ]]; then launcher_args+=("--num_gpus=$num_gpus"); fi
 if [[ $bind_cores == auto && ! ( -n "$hostfile" && -z "$node_rank" ) ]] && offload_run && command -v numactl >/dev/null \
-   && [[ -z "${KMP_AFFINITY:-}" ]] && ! printf '%s\n' "${launcher_args[@]}" | grep -qE '^--bind_core'; then
+   && [[ -z "${KMP_AFFINITY:-}" ]] && ! printf '%s\n' "${launcher_args[@]}" | grep -qx -- '--bind_cores_to_rank'; then
   # CPU offload: the ranks of a node share its cores for the optimizer step; each on its own slice ran stage3_offload
   # 1.2-1.45x as fast on 4 H200s, 1.03x on 1 (docs/launch.md). Over ssh the other nodes' numactl is unknown: not there.
   launcher_args+=("--bind_cores_to_rank")

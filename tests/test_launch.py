@@ -77,8 +77,9 @@ def test_local_modes_build_the_deepspeed_command():
 
 
 def test_offload_configs_bind_each_rank_to_its_own_cores(tmp_path):
-    """With numactl on PATH, an offload config (flag or recipe) gets --bind_cores_to_rank; --no_bind_cores, a
-    config without offload, or a user's own --bind_core_list do not; nor the ssh mode (other nodes' numactl)."""
+    """With numactl on PATH, an offload config (flag or recipe) gets --bind_cores_to_rank once (within a user's
+    --bind_core_list, which alone binds nothing); --no_bind_cores or a config without offload do not, nor the ssh
+    mode (the other nodes' numactl is unknown)."""
     (tmp_path / "numactl").write_text("#!/bin/sh\n")
     (tmp_path / "numactl").chmod(0o755)
     env = clean_env(PATH=f"{tmp_path}{os.pathsep}{clean_env()['PATH']}")
@@ -94,9 +95,11 @@ def test_offload_configs_bind_each_rank_to_its_own_cores(tmp_path):
                  ["--deepspeed", "ds_configs/stage3_offload.json"],
                  ["--nnodes", "2", "--node_rank", "1", "--master_addr", "n0", "--zero_stage", "3_offload"]):
         assert "--bind_cores_to_rank" in launcher(*args), args
-    for args in (["--zero_stage", "3_offload", "--no_bind_cores"], ["--zero_stage", "3"],
-                 ["--zero_stage", "3_offload", "--bind_core_list", "0-7"]):
+    for args in (["--zero_stage", "3_offload", "--no_bind_cores"], ["--zero_stage", "3"]):
         assert "--bind_cores_to_rank" not in launcher(*args), args
+    for args in (["--zero_stage", "3_offload", "--bind_core_list", "0-7"],
+                 ["--zero_stage", "3_offload", "--bind_cores_to_rank"]):
+        assert launcher(*args).count("--bind_cores_to_rank") == 1, args
     if not shutil.which("numactl", path=clean_env()["PATH"]):  # and where there is no numactl, nothing to bind with
         assert "--bind_cores_to_rank" not in launcher("--zero_stage", "3_offload", env=clean_env())
     hostfile = tmp_path / "hosts"
