@@ -18,7 +18,6 @@ same W&B run); --resume_from_checkpoint false starts over, a checkpoint path res
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -50,10 +49,9 @@ def what_trains(model_args) -> dict:
 
 
 def check_same_training(checkpoint: str | Path, trains: dict | None) -> None:
-    from recipe.trainer import COMPLETE_MARKER
+    from recipe.trainer import read_marker
 
-    marker = Path(checkpoint) / COMPLETE_MARKER
-    saved = json.loads(marker.read_text()).get("trains") if trains and marker.is_file() else None
+    saved = read_marker(checkpoint).get("trains") if trains else None
     if not saved or saved == trains:  # markers from before this check carry no "trains"
         return
     differ = ", ".join(f"{k} {saved.get(k)!r} there, {trains.get(k)!r} here" for k in sorted(trains)
@@ -71,14 +69,14 @@ def resolve_resume(value: str | None, output_dir: str, is_main: bool, trains: di
     leaves a marker); newer incomplete ones (a kill during a save) are skipped and renamed
     incomplete-checkpoint-N by rank 0 (a name the Trainer neither counts, rotates nor reuses).
     """
-    from recipe.trainer import checkpoints, is_complete
+    from recipe.trainer import checkpoints, is_complete, last_complete
 
     if value is not None and value.lower() in ("", "false", "no", "none"):
-        done = [c for c in checkpoints(output_dir) if is_complete(c)]
+        done = last_complete(output_dir)
         if done:
             logger.warning("--resume_from_checkpoint %s: starting over although %s holds %s; its checkpoints are "
                            "replaced as the new run reaches their steps (a new --run_name keeps them).",
-                           value, output_dir, done[-1].name)
+                           value, output_dir, done.name)
         return None
     if value is None or value.lower() in ("last", "true", "yes", "auto"):
         found = checkpoints(output_dir)

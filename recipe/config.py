@@ -20,7 +20,8 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from recipe import REPO_ROOT
 from recipe.ds_check import check_ds_config
-from recipe.hardware import ensure_distributed_env, fix_cuda_arch_list, master_port_problem, resolve_precision
+from recipe.hardware import (ensure_distributed_env, fix_cuda_arch_list, local_world_size, master_port_problem,
+                             resolve_precision)
 from recipe.speed import resolve_speed
 
 logger = logging.getLogger(__name__)
@@ -216,8 +217,7 @@ class TrainConfig(SFTConfig):
             self.use_cpu = True
             if "OMP_NUM_THREADS" not in os.environ:
                 # share the cores between the local ranks instead of oversubscribing them
-                threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
-                                                               or os.environ["WORLD_SIZE"]))
+                threads = max(1, (os.cpu_count() or 1) // local_world_size())
                 os.environ["OMP_NUM_THREADS"] = str(threads)
                 torch.set_num_threads(threads)
         self.bf16, self.fp16, precision_problems = resolve_precision(

@@ -371,12 +371,13 @@ def format_table(rows: list[dict], hw: Hardware | None = None) -> str:
 
 
 def run_hardware() -> Hardware | None:
-    """The GPUs this launch uses: LOCAL_WORLD_SIZE (LOCAL_SIZE) per node x WORLD_SIZE / that nodes."""
+    """The GPUs this launch uses: the processes per node x WORLD_SIZE / that nodes."""
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)  # DeepSpeed's launcher: LOCAL_SIZE
-    return detect_hardware(local, max(1, world // local))
+    from recipe.hardware import local_world_size
+
+    local = local_world_size()
+    return detect_hardware(local, max(1, int(os.environ.get("WORLD_SIZE", "1")) // local))
 
 
 def run_workload(training_args, model_args) -> Workload:

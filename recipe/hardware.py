@@ -75,6 +75,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_world_size(environ=os.environ) -> int:
+    """Processes on this node: LOCAL_WORLD_SIZE (torchrun, accelerate), LOCAL_SIZE (DeepSpeed's launcher), else
+    WORLD_SIZE (one node)."""
+    return int(environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or environ.get("WORLD_SIZE") or 1)
+
+
 def ensure_distributed_env(environ=os.environ) -> bool:
     """Make ``python train_ds.py`` a world of one process, as the launchers would.
 

@@ -129,6 +129,22 @@ def is_complete(checkpoint: Path) -> bool:
     return (Path(checkpoint) / COMPLETE_MARKER).exists()
 
 
+def last_complete(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint in output_dir that every rank finished writing, if any."""
+    return next((c for c in reversed(checkpoints(output_dir)) if is_complete(c)), None)
+
+
+def read_marker(checkpoint: str | Path) -> dict:
+    """What CheckpointCompleteCallback wrote into a checkpoint ({} without a readable marker)."""
+    import json
+
+    try:
+        marker = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 # how a full disk (or quota) surfaces from the writers a checkpoint goes through: OSError from Python's own files,
 # torch.save's RuntimeError ("file write failed", or "unexpected pos" for a short write), safetensors'
 # SafetensorError (StorageFull). And whatever the error says: a save that failed with almost no space left.
@@ -153,8 +169,7 @@ def disk_full_message(error: BaseException, output_dir: str | Path, step: int) -
                for e in chain)
     if not full and not (usage and usage.free < _NEARLY_FULL):
         return None
-    done = [c for c in checkpoints(output_dir) if is_complete(c)]
-    last = done[-1] if done else None
+    last = last_complete(output_dir)
     space = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB" if usage else "free space unknown"
     need = f"; a checkpoint here takes {tree_size(last) / 2**30:.2f} GiB" if last else ""
     kept = (f"{last.name} is complete and untouched: rerunning the same command resumes from it once there is room"
@@ -247,9 +262,9 @@ class NonFiniteLossCallback(TrainerCallback):
             control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
 
     def message(self, output_dir: str, learning_rate: float) -> str:
-        good = [c for c in checkpoints(output_dir) if is_complete(c)]
+        good = last_complete(output_dir)
         return (f"the training loss became {self.bad_value} at step {self.bad_step}; training stopped and nothing "
-                f"was saved from the broken weights. Last good checkpoint: {good[-1] if good else 'none'}. "
+                f"was saved from the broken weights. Last good checkpoint: {good or 'none'}. "
                 f"Usual causes: a learning rate too high (now {learning_rate:g}; try 10x lower), fp16 overflow "
                 "(use --bf16 where the GPU has it), no gradient clipping (--max_grad_norm 1.0), or rows with nothing "
                 "to learn. Fix one and rerun the same command: it resumes from that checkpoint.")

@@ -70,14 +70,11 @@ def saved_world_size(checkpoint: str | Path) -> int | None:
     ranks = zero_shard_ranks(ckpt)
     if ranks:
         return max(ranks) + 1
-    from recipe.trainer import COMPLETE_MARKER
+    from recipe.trainer import read_marker
 
-    try:
-        world = json.loads((ckpt / COMPLETE_MARKER).read_text()).get("world_size")
-        if isinstance(world, int) and world > 0:
-            return world
-    except (OSError, ValueError, AttributeError):
-        pass
+    world = read_marker(ckpt).get("world_size")
+    if isinstance(world, int) and world > 0:
+        return world
     rng = [p for p in ckpt.glob("rng_state_*.pth") if p.stem.rsplit("_", 1)[-1].isdigit()]
     if rng:
         return len(rng)
@@ -141,7 +138,7 @@ def plan_resume(checkpoint: str | Path, world_size: int, zero_stage: int | None,
 def convert(plan: ResumePlan, is_main: bool, workers: int = 1) -> Path:
     """Rank 0: DeepSpeed's ds_to_universal into <checkpoint>/global_stepN_universal (once; a finished conversion
     is reused, a partial one redone). Every rank returns once it is on disk."""
-    out = plan.universal_dir
+    source, out = ds_step_dir(plan.checkpoint), plan.universal_dir
     group = _long_group()  # made by every rank before rank 0 starts: making it waits on the others
     if is_main:
         done = out / DONE_MARKER
@@ -151,8 +148,8 @@ def convert(plan: ResumePlan, is_main: bool, workers: int = 1) -> Path:
             if out.exists():
                 logger.warning("removing %s: a conversion that did not finish.", out)
                 shutil.rmtree(out)
-            _run_converter(ds_step_dir(plan.checkpoint), out, workers)
-            done.write_text(json.dumps({"source": ds_step_dir(plan.checkpoint).name,
+            _run_converter(source, out, workers)
+            done.write_text(json.dumps({"source": source.name,
                                         "source_world_size": plan.saved_world_size,
                                         "zero_stage": plan.saved_stage, "time": time.time()}, indent=2) + "\n")
         # what engine.load_checkpoint reads with load_universal (the converter writes it too)

@@ -55,6 +55,11 @@ done
 
 if [[ -n "$hostfile" && "$hostfile" != /* && -f "$caller_dir/$hostfile" ]]; then hostfile="$caller_dir/$hostfile"; fi
 
+# an ERE over the launcher's flags (grep reads them all, not -q: an early exit could fail printf under pipefail)
+has_launcher_flag() { printf '%s\n' "${launcher_args[@]}" | grep -E -- "$1" >/dev/null; }
+has_filter=0
+if has_launcher_flag '^--(include|exclude)='; then has_filter=1; fi
+
 # ── check everything at once, each problem with its fix (exit 2, as train_ds.py does) ──
 for pair in "num_gpus:$num_gpus" "master_port:$master_port" "nnodes:$nnodes" "node_rank:$node_rank"; do
   if [[ -n "${pair#*:}" && ! "${pair#*:}" =~ ^[0-9]+$ ]]; then
@@ -65,7 +70,7 @@ if [[ -n "$gpu_ids" && ! "$gpu_ids" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
   problems+=("--gpus $gpu_ids: give GPU ids separated by commas, e.g. --gpus 0,2")
 fi
 if [[ -n "$num_gpus" && -n "$gpu_ids" ]]; then problems+=("--num_gpus and --gpus: give one of them"); fi
-if [[ -n "$num_gpus$gpu_ids" ]] && printf '%s\n' "${launcher_args[@]}" | grep -qE '^--(include|exclude)='; then
+if [[ -n "$num_gpus$gpu_ids" && $has_filter == 1 ]]; then
   problems+=("--include/--exclude pick GPUs themselves: drop --num_gpus/--gpus")
 fi
 if [[ -n "$hostfile" && ! -f "$hostfile" ]]; then problems+=("--hostfile $hostfile: no such file"); fi
@@ -107,8 +112,6 @@ include_for() {  # --include value: the GPU ids $gpu_ids on each host named on s
 }
 
 # ── the launch mode: local, nodes over ssh (hostfile), or one launcher per node without ssh ──
-has_filter=0
-if printf '%s\n' "${launcher_args[@]}" | grep -qE '^--(include|exclude)='; then has_filter=1; fi
 work=""
 if [[ -n "$node_rank$hostfile" ]]; then work=$(mktemp -d "${TMPDIR:-/tmp}/train_sh.XXXXXX"); fi
 env_prefix=()
@@ -183,7 +186,7 @@ if [[ -n "$gpu_ids" ]]; then  # nodes: these GPU ids on each of the (first --nno
 fi
 if [[ -n "$num_gpus" ]]; then launcher_args+=("--num_gpus=$num_gpus"); fi
 if [[ $bind_cores == auto && ! ( -n "$hostfile" && -z "$node_rank" ) ]] && offload_run && command -v numactl >/dev/null \
-   && [[ -z "${KMP_AFFINITY:-}" ]] && ! printf '%s\n' "${launcher_args[@]}" | grep -qx -- '--bind_cores_to_rank'; then
+   && [[ -z "${KMP_AFFINITY:-}" ]] && ! has_launcher_flag '^--bind_cores_to_rank$'; then
   # CPU offload: the ranks of a node share its cores for the optimizer step; each on its own slice ran stage3_offload
   # 1.2-1.45x as fast on 4 H200s, 1.03x on 1 (docs/launch.md). Over ssh the other nodes' numactl is unknown: not there.
   launcher_args+=("--bind_cores_to_rank")
@@ -200,7 +203,7 @@ else
   echo "train.sh: DeepSpeed not found: install uv (pip install uv) and rerun, or activate an environment with deepspeed" >&2
   exit 1
 fi
-if [[ -n "${env_file:-}" ]] && ! printf '%s\n' "${launcher_args[@]}" | grep -q '^--venv_script='; then
+if [[ -n "${env_file:-}" ]] && ! has_launcher_flag '^--venv_script='; then
   # pdsh's login shell on the nodes has no venv on PATH (ninja, for DeepSpeed's op builds): activate it there
   if [[ "${launcher[0]}" == uv ]]; then pyrun=(uv run python); else pyrun=(python3); fi
   venv=$("${pyrun[@]}" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")' 2>/dev/null || true)
