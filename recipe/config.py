@@ -1,46 +1,44 @@
-"""Arguments: our dataclasses beside TRL's, the parser, and the DeepSpeed-config resolution.
+"""Arguments: our dataclasses beside TRL's, the parser, and what is settled while parsing.
 
-Three dataclasses reach main(): ScriptArguments (data, run, reports), TrainConfig (TRL's
-SFTConfig plus the DeepSpeed shorthands) and ModelArguments (TRL's ModelConfig: model,
-LoRA, quantisation).
-`--config recipe.yaml` sets defaults; CLI flags win; an unknown key in either is an error.
+Three dataclasses reach main(): ScriptArguments (data, run, reports), TrainConfig (TRL's SFTConfig plus the
+DeepSpeed shorthands and speed flags) and ModelArguments (TRL's ModelConfig: model, LoRA, quantisation).
+`--config recipe.yaml` sets defaults; CLI flags win; an unknown flag or key stops with the closest known name.
+
+Settled here, once, on the parsed values (parsing changes nothing in the process; recipe.hardware.prepare_process
+does that before):
+- the DeepSpeed file (--deepspeed / --zero_stage / the default stage2.json), loaded as a recipe.ds_config.DsConfig;
+- values written explicitly in that JSON (not "auto") for what TrainingArguments also sets: TrainingArguments adopt
+  them, unless the CLI or the recipe set the same thing to something else (then: an error naming both places);
+- `--zero_stage auto`: the memory estimator's plan (config, micro-batch, gradient checkpointing), applied to the
+  parsed values before TrainConfig is built;
+- precision from the hardware, gradient accumulation from --global_batch_size, the speed choices;
+- every check that needs no weights (ds_check, NVMe, the MASTER_PORT), all problems at once.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import difflib
-import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from recipe import REPO_ROOT
-from recipe.ds_check import check_ds_config
-from recipe.hardware import (ensure_distributed_env, fix_cuda_arch_list, local_world_size, master_port_problem,
-                             resolve_precision)
+from recipe.ds_check import check_ds_config, nvme_problems
+from recipe.ds_config import DsConfig, resolve
+from recipe.errors import ConfigError, TrainingError  # noqa: F401  (re-exported: recipe.config.ConfigError)
+from recipe.hardware import master_port_problem, resolve_precision, world_size
 from recipe.speed import resolve_speed
 
 logger = logging.getLogger(__name__)
-DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
-DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "stage2.json"
-
-
-class ConfigError(ValueError):
-    """One or more problems with the user's configuration, each with its remedy."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) with the configuration:\n{lines}")
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can fix; the message says how. Exit code 3."""
+# Which fields the user set, and where ("the command line" or the recipe file), while a RecipeParser builds
+# TrainConfig; outside a parser, every field whose value differs from its default counts as set.
+EXPLICIT: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("explicit", default=None)
 
 
 @dataclass
@@ -101,8 +99,8 @@ class ScriptArguments:
 class TrainConfig(SFTConfig):
     """TRL's SFTConfig with the DeepSpeed shorthands and hardware-chosen precision.
 
-    Resolved before TrainingArguments initialises the device: the DeepSpeed file (from
-    --deepspeed or --zero_stage), precision (bf16 unset = chosen from the hardware), use_cpu.
+    Settled before TrainingArguments initialises the device: the DeepSpeed file (from --deepspeed or
+    --zero_stage) and the values it sets explicitly, precision (bf16 unset = chosen from the hardware), use_cpu.
     """
 
     zero_stage: str | None = field(
@@ -180,13 +178,36 @@ class TrainConfig(SFTConfig):
                   "is one, so rerunning a killed command resumes it; 'false': start over; or a checkpoint path."},
     )
 
+
+    @property
+    def ds(self) -> DsConfig | None:
+        """The DeepSpeed config in use (None: --eval_only, or no DeepSpeed)."""
+        return DsConfig(self.deepspeed, self.ds_config_path) if isinstance(self.deepspeed, dict) else None
+
     def __post_init__(self):
-        fix_cuda_arch_list()
-        ensure_distributed_env()
-        problems = [p for p in [master_port_problem()] if p]
+        problems = []
         self.output_dir_auto = self.output_dir is None
+        world = world_size()
+        if self.eval_only:
+            # a saved model, one process, no optimizer: DeepSpeed has nothing to do (and its stage-2
+            # engine cannot evaluate without training)
+            if world > 1:
+                problems.append("--eval_only runs in one process: start it with `python train_ds.py --eval_only ...`, "
+                                "not a multi-process launcher.")
+            self.deepspeed, self.ds_config_path, self.compile_layers = None, None, "false"
+            # accelerate (`accelerate launch --use_deepspeed`, or an Accelerator made earlier in this process)
+            # leaves ACCELERATE_USE_DEEPSPEED=true, which would bring DeepSpeed back without a config
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            try:
+                # 'auto' was planned by the parser (plan_auto_stage); built without one, stage 2 stands in
+                ds = resolve(self.deepspeed, "2" if self.zero_stage == "auto" else self.zero_stage, self.nvme_path)
+                self.deepspeed, self.ds_config_path = ds.config, ds.path
+                problems += adopt_ds_values(self, ds, explicit_fields(self))
+            except ConfigError as e:
+                problems += e.problems
+                self.deepspeed, self.ds_config_path = None, None
         if self.global_batch_size is not None:
-            world = int(os.environ["WORLD_SIZE"])
             per_step = self.per_device_train_batch_size * world
             if self.global_batch_size % per_step:
                 problems.append(
@@ -195,53 +216,148 @@ class TrainConfig(SFTConfig):
                 )
             else:
                 self.gradient_accumulation_steps = self.global_batch_size // per_step
-        if self.eval_only:
-            # a saved model, one process, no optimizer: DeepSpeed has nothing to do (and its stage-2
-            # engine cannot evaluate without training)
-            if int(os.environ["WORLD_SIZE"]) > 1:
-                problems.append("--eval_only runs in one process: start it with `python train_ds.py --eval_only ...`, "
-                                "not a multi-process launcher.")
-            self.deepspeed, self.ds_config_path, self.compile_layers = None, None, "false"
-            # accelerate (`accelerate launch --use_deepspeed`, or an Accelerator made earlier in this process)
-            # leaves ACCELERATE_USE_DEEPSPEED=true, which would bring DeepSpeed back without a config
-            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-        else:
-            # 'auto' is settled in parse_args, which sees the model; until then stage 2 stands in
-            stage = "2" if self.zero_stage == "auto" else self.zero_stage
-            self.deepspeed, self.ds_config_path = resolve_ds_config(self.deepspeed, stage, self.nvme_path, problems)
         import torch
 
         cuda = torch.cuda.is_available()
         if not cuda:
-            # One process per CPU rank: accelerate must not fill "auto" batch sizes for one process.
-            self.use_cpu = True
-            if "OMP_NUM_THREADS" not in os.environ:
-                # share the cores between the local ranks instead of oversubscribing them
-                threads = max(1, (os.cpu_count() or 1) // local_world_size())
-                os.environ["OMP_NUM_THREADS"] = str(threads)
-                torch.set_num_threads(threads)
+            self.use_cpu = True  # one process per CPU rank: accelerate must not fill "auto" batch sizes for one
+        ds_precision = {k: v for k, v in (("bf16", self.ds and self.ds.value("bf16.enabled")),
+                                          ("fp16", self.ds and self.ds.value("fp16.enabled"))) if isinstance(v, bool)}
         self.bf16, self.fp16, precision_problems = resolve_precision(
-            self.bf16, self.fp16, cuda, cuda and torch.cuda.is_bf16_supported()
-        )
+            self.bf16, self.fp16, cuda, cuda and torch.cuda.is_bf16_supported())
+        for key, value in ds_precision.items():  # a JSON's explicit precision stands over the hardware's choice
+            setattr(self, key, value)
         problems += precision_problems
-        problems += nvme_problems(self.deepspeed)
-        if self.deepspeed:
-            errors, warnings = check_ds_config(self.deepspeed, Path(self.ds_config_path or "ds_config.json").name, {
+        problems += [p for p in [master_port_problem()] if p]
+        if self.ds is not None:
+            problems += nvme_problems(self.ds)
+            errors, warnings = check_ds_config(self.deepspeed, self.ds.name, {
                 "bf16": self.bf16, "fp16": self.fp16, "optim": str(getattr(self.optim, "value", self.optim)),
                 "lr_scheduler_type": str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)),
                 "per_device_train_batch_size": self.per_device_train_batch_size,
-                "gradient_accumulation_steps": self.gradient_accumulation_steps,
-                "world_size": int(os.environ["WORLD_SIZE"])})
+                "gradient_accumulation_steps": self.gradient_accumulation_steps, "world_size": world})
             problems += errors
-            for warning in warnings if int(os.environ.get("RANK", "0")) == 0 else []:
+            for warning in warnings if os.environ.get("RANK", "0") == "0" else []:
                 logger.warning(warning)
-        zero = self.deepspeed.get("zero_optimization", {}).get("stage", 0) if self.deepspeed else None
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
-                                                   zero, cuda)
+                                                   self.ds.stage if self.ds else None, cuda)
         problems += speed_problems
+        problems += loss_option_problems(self)
         if problems:
             raise ConfigError(problems)
         super().__post_init__()
+
+
+# ---------------------------------------------------------------- explicit DeepSpeed JSON values
+
+
+# What TrainingArguments also sets, by its key in the DeepSpeed JSON (HF's trainer_config_process/_finalize fill and
+# match these). An explicit value there is adopted (logged once); the same value set otherwise on the CLI or in the
+# recipe is an error naming both places.
+JSON_FIELDS = {
+    "train_micro_batch_size_per_gpu": ("per_device_train_batch_size",),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps",),
+    "train_batch_size": ("global_batch_size",),
+    "gradient_clipping": ("max_grad_norm",),
+    "optimizer.params.lr": ("learning_rate",),
+    "optimizer.params.betas": ("adam_beta1", "adam_beta2"),
+    "optimizer.params.eps": ("adam_epsilon",),
+    "optimizer.params.weight_decay": ("weight_decay",),
+    "scheduler.params.warmup_max_lr": ("learning_rate",),
+    "scheduler.params.warmup_num_steps": ("warmup_steps",),
+    "scheduler.params.total_num_steps": ("max_steps",),
+    "bf16.enabled": ("bf16",),
+    "fp16.enabled": ("fp16",),
+}
+# Fields that set another: --global_batch_size sets gradient_accumulation_steps.
+SETS_ALSO = {"gradient_accumulation_steps": ("global_batch_size",)}
+
+
+def explicit_fields(args) -> dict[str, str]:
+    """Field -> where it was set: the parser's record, else (built in code) every field that differs from its
+    default."""
+    given = EXPLICIT.get()
+    if given is not None:
+        return given
+    return {f.name: "the arguments" for f in dataclasses.fields(args) if f.init
+            and getattr(args, f.name) != (f.default if f.default is not dataclasses.MISSING
+                                          else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                          else None)}
+
+
+def adopt_ds_values(args, ds: DsConfig, explicit: dict[str, str]) -> list[str]:
+    """TrainingArguments take the explicit (non-"auto") values of the DeepSpeed JSON; conflicts are problems."""
+    problems, adopted = [], []
+    for key, names in JSON_FIELDS.items():
+        value = ds.value(key)
+        if value is None or value == "auto":
+            continue
+        values = list(value) if len(names) > 1 and isinstance(value, list | tuple) else [value]
+        if len(values) != len(names):
+            continue  # malformed; ds_check names it
+        for name, wanted in zip(names, values):
+            setters = [n for n in (name, *SETS_ALSO.get(name, ())) if n in explicit]
+            if name == "gradient_accumulation_steps" and "global_batch_size" in setters and args.global_batch_size:
+                per_step = args.per_device_train_batch_size * world_size()
+                current = args.global_batch_size // per_step if per_step else None
+                setter = "global_batch_size"
+            else:
+                current, setter = getattr(args, name), (setters[0] if setters else None)
+            if setter is not None:
+                if not _same(current, wanted):
+                    problems.append(
+                        f"{ds.name} sets {key}={wanted!r} and {explicit[setter]} sets --{setter} "
+                        f"{getattr(args, setter)!r}{' (so ' + name + '=' + repr(current) + ')' if setter != name else ''}"
+                        f": set it in one place: write \"auto\" for {key} in {ds.name} to keep --{setter}, or drop "
+                        f"--{setter} to use {ds.name}'s value.")
+                continue
+            if not _same(getattr(args, name), wanted):
+                setattr(args, name, wanted)
+                adopted.append(f"{key}={wanted!r}")
+    if adopted and os.environ.get("RANK", "0") == "0":
+        logger.warning("%s sets %s; using it.", ds.name, ", ".join(dict.fromkeys(adopted)))
+    return problems
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) == bool(b) and a is not None
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+    return a == b
+
+
+# ---------------------------------------------------------------- SFTConfig options our loss paths must honour
+
+
+def loss_option_problems(args) -> list[str]:
+    """RecipeTrainer.compute_loss lets the model compute its loss without full logits (Liger's fused linear
+    cross-entropy, or TRL's chunked head through Trainer.compute_loss); SFTConfig/TrainingArguments options that
+    change the loss must go through SFTTrainer.compute_loss (trl) or be refused (liger). See LOSS_OPTIONS."""
+    fused = args.speed.get("fused_loss")
+    problems = []
+    for name, (default, under_liger) in LOSS_OPTIONS.items():
+        value = getattr(args, name, default)
+        if value != default and fused == "liger" and under_liger:
+            problems.append(f"--{name} {value}: {under_liger}; use --fused_loss trl (TRL's chunked head computes it), "
+                            f"or drop --{name}.")
+    if getattr(args, "use_liger_kernel", False):
+        problems.append("--use_liger_kernel (HF's switch) would patch the model a second time: use this recipe's "
+                        "--liger_kernels true and --fused_loss liger, which are chosen by hardware and ZeRO stage.")
+    return problems
+
+
+# option -> (its default, why Liger's fused loss cannot honour it, or None when it works there too)
+LOSS_OPTIONS = {
+    "loss_type": ("nll", "Liger's fused cross-entropy returns the mean NLL only, not the per-token log-probs DFT "
+                         "reweights"),
+    "label_smoothing_factor": (0.0, "the fused loss here is plain cross-entropy"),
+}
+
+
+def sft_loss_needed(args) -> bool:
+    """Whether RecipeTrainer must take SFTTrainer.compute_loss (a loss option other than the default is set)."""
+    return any(getattr(args, name, default) != default for name, (default, _) in LOSS_OPTIONS.items())
 
 
 QUANT_FLAGS = ("load_in_4bit", "load_in_8bit")
@@ -289,111 +405,109 @@ class ModelArguments(ModelConfig):
             raise ConfigError(problems)
 
 
-def ds_config_names() -> list[str]:
-    return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+# ---------------------------------------------------------------- the parser
 
 
-def load_json_file(path: Path, what: str) -> dict:
-    """json.load with an error that names the file, line and column."""
+class RecipeParser(TrlParser):
+    """TrlParser that names unknown flags and YAML keys with the closest known name (ConfigError, exit 2), records
+    which fields the user set and where, and settles --zero_stage auto before TrainConfig is built."""
+
+    def parse_args_and_config(self, args=None, return_remaining_strings=False, fail_with_unknown_args=True,
+                              separate_remaining_strings=False):
+        args = list(sys.argv[1:] if args is None else args)
+        recipe = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+        keys = recipe_keys(recipe) if recipe else {}
+        problems = self.unknown_problems(args, keys, recipe)
+        if problems:
+            raise ConfigError(problems)
+        where = {k: recipe for k in keys}
+        where.update({dest: "the command line" for dest in self.cli_dests(args)})
+        self._explicit = where
+        return super().parse_args_and_config(args, return_remaining_strings, fail_with_unknown_args,
+                                             separate_remaining_strings)
+
+    def known_flags(self) -> list[str]:
+        return [s for s in self._option_string_actions if s.startswith("--")]
+
+    def cli_dests(self, args: list[str]) -> set[str]:
+        dests = set()
+        for arg in args:
+            action = self._option_string_actions.get(arg.split("=", 1)[0]) if arg.startswith("--") else None
+            if action is not None:
+                dests.add(action.dest)
+        return dests
+
+    def unknown_problems(self, args: list[str], keys: dict, recipe: str | None) -> list[str]:
+        known, problems = self.known_flags(), []
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if arg.startswith("--") and flag not in known and flag != "--config":
+                problems.append(f"unknown flag {flag}: {did_you_mean(flag, known)}")
+        dests = sorted({a.dest for a in self._actions})
+        for key in keys:
+            if key != "env" and key not in dests:
+                problems.append(f"{recipe}: unknown key {key}: {did_you_mean(key, dests)}")
+        return problems
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, look_for_args_file=True,
+                                    args_filename=None, args_file_flag=None):
+        namespace, remaining = self.parse_known_args(args=args)
+        if remaining and not return_remaining_strings:
+            raise ConfigError([f"unexpected argument {' '.join(remaining)}: flags take the form --name value."])
+        values, problems, built = vars(namespace), [], {}
+        explicit = getattr(self, "_explicit", {})
+        for dtype in (ScriptArguments, ModelArguments):
+            try:
+                built[dtype] = dtype(**inputs_for(dtype, values))
+            except ConfigError as e:
+                problems += e.problems
+        train_inputs = inputs_for(TrainConfig, values)
+        if train_inputs.get("zero_stage") == "auto" and not train_inputs.get("eval_only") and ModelArguments in built:
+            try:
+                plan_auto_stage(train_inputs, built[ModelArguments], explicit)
+            except ConfigError as e:
+                problems += e.problems
+        token = EXPLICIT.set(explicit)
+        try:
+            built[TrainConfig] = TrainConfig(**train_inputs)
+        except ConfigError as e:
+            problems += e.problems
+        finally:
+            EXPLICIT.reset(token)
+        if problems:
+            raise ConfigError(problems)
+        out = tuple(built[d] for d in self.dataclass_types)
+        return (*out, remaining) if return_remaining_strings else out
+
+
+def inputs_for(dtype, values: dict) -> dict:
+    return {f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values}
+
+
+def recipe_keys(path: str) -> dict:
+    import yaml
+
     try:
-        text = path.read_text()
+        with open(path) as f:
+            data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError([f"cannot read {what} {path}: {e.strerror}."]) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            [f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. Fix the file."]
-        ) from None
+        raise ConfigError([f"--config {path}: cannot read it ({e.strerror})."]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config {path} is not valid YAML: {str(e).splitlines()[0]}. Fix the file."]) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"{what} {path} must hold a JSON object, not {type(data).__name__}."])
+        raise ConfigError([f"--config {path} must hold a YAML mapping of argument: value."])
     return data
 
 
-def resolve_ds_config(
-    deepspeed: str | dict | None, zero_stage: str | None, nvme_path: str | None, problems: list[str]
-) -> tuple[dict | None, str | None]:
-    """Turn --deepspeed/--zero_stage into a loaded config dict and the file it came from."""
-    if isinstance(deepspeed, dict):
-        return deepspeed, None
-    if zero_stage is not None and str(zero_stage) != "":
-        name = f"stage{zero_stage}"
-        path = DS_CONFIG_DIR / f"{name}.json"
-        if not path.exists():
-            hint = difflib.get_close_matches(name, ds_config_names(), n=1)
-            problems.append(
-                f"--zero_stage {zero_stage}: there is no {path.relative_to(REPO_ROOT)}. "
-                f"Choose one of {', '.join(n.removeprefix('stage') for n in ds_config_names())}"
-                + (f" (did you mean {hint[0].removeprefix('stage')}?)" if hint else "")
-                + ", or pass your own file with --deepspeed."
-            )
-            return None, None
-        # the shorthand wins over a recipe's `deepspeed:` so `--zero_stage 3` works with any recipe
-        deepspeed = str(path.relative_to(REPO_ROOT))
-    if deepspeed is None or deepspeed == "":
-        deepspeed = str(DEFAULT_DS_CONFIG)
-    path = Path(deepspeed)
-    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path
-    if not path.exists():
-        problems.append(
-            f"DeepSpeed config {deepspeed} does not exist. Shipped configs: "
-            f"{', '.join(f'ds_configs/{n}.json' for n in ds_config_names())}."
-        )
-        return None, None
-    try:
-        config = load_json_file(path, "DeepSpeed config")
-    except ConfigError as e:
-        problems.extend(e.problems)
-        return None, None
-    zero = config.get("zero_optimization", {})
-    uses_nvme = any(
-        isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme" for k in ("offload_optimizer", "offload_param")
-    )
-    if uses_nvme:
-        nvme = nvme_path or os.environ.get("DS_NVME_PATH")
-        for key in ("offload_optimizer", "offload_param"):
-            section = zero.get(key)
-            if isinstance(section, dict) and section.get("device") == "nvme" and section.get("nvme_path") in (None, "auto"):
-                if not nvme:
-                    problems.append(
-                        f"{path.name} offloads to NVMe but no path is set: pass --nvme_path /local_nvme "
-                        "or export DS_NVME_PATH=/local_nvme (a directory on a fast local NVMe disk)."
-                    )
-                    return None, None
-                section["nvme_path"] = nvme
-    path = path.resolve()
-    return config, str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+def did_you_mean(name: str, known: list[str]) -> str:
+    guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    see = "`uv run python train_ds.py --help` lists them all"
+    return f"did you mean {guess[0]}? ({see})" if guess else f"no such argument ({see})."
 
 
-def aio_available() -> bool:
-    """Whether DeepSpeed's async_io op (NVMe offload) can build here: it needs libaio."""
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return bool(AsyncIOBuilder().is_compatible(verbose=False))
-
-
-def nvme_problems(config: dict | None, aio=aio_available) -> list[str]:
-    """NVMe offload needs libaio and a writable directory: say so before any weights load."""
-    zero = (config or {}).get("zero_optimization", {})
-    paths = {zero[k]["nvme_path"] for k in ("offload_optimizer", "offload_param")
-             if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme" and zero[k].get("nvme_path")}
-    if not paths:
-        return []
-    problems = []
-    for path in sorted(paths):
-        if not Path(path).is_dir() or not os.access(path, os.W_OK):
-            problems.append(f"NVMe offload path {path} is not a writable directory: create it "
-                            f"(mkdir -p {path}) on a local NVMe disk, or pass another --nvme_path.")
-    if not aio():
-        problems.append("NVMe offload needs DeepSpeed's async_io op, which needs libaio: install it "
-                        "(apt install libaio-dev, or conda install -c conda-forge libaio) and rerun, or use "
-                        "--zero_stage 3_offload (CPU memory instead of NVMe).")
-    return problems
-
-
-def make_parser() -> TrlParser:
-    parser = TrlParser((ScriptArguments, TrainConfig, ModelArguments))
+def make_parser() -> RecipeParser:
+    parser = RecipeParser((ScriptArguments, TrainConfig, ModelArguments))
     parser.allow_abbrev = False  # a typo such as --learning_rat must fail, not match --learning_rate
     return parser
 
@@ -406,56 +520,50 @@ def default_recipe_argv(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelArguments); unknown keys fail.
-
-    `--zero_stage auto` parses twice: the first pass gives the model and batch to estimate, the
-    second applies the recommendation as flags (the last of a repeated flag wins).
-    """
+    """Parse CLI + YAML into (ScriptArguments, TrainConfig, ModelArguments); ConfigError for every problem.
+    The process must be set up first (recipe.hardware.prepare_process): TrainingArguments initialise the device."""
     argv = default_recipe_argv(list(sys.argv[1:] if argv is None else argv))
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    if training_args.zero_stage == "auto" and not training_args.eval_only:
-        extra = auto_stage_argv(training_args, model_args)
-        script_args, training_args, model_args = make_parser().parse_args_and_config([*argv, *extra])
-    return script_args, training_args, model_args
+    return make_parser().parse_args_and_config(argv)
 
 
-def runnable_here(config: dict) -> bool:
-    """Whether a config's ops can build on this machine (CPUAdam for offload, libaio for NVMe)."""
-    from recipe.ds_check import cpu_adam_available, offload_device
-
-    devices = {offload_device(config, k) for k in ("offload_optimizer", "offload_param")}
-    if "nvme" in devices and not aio_available():
-        return False
-    return not (devices & {"cpu", "nvme"}) or cpu_adam_available()
+# ---------------------------------------------------------------- --zero_stage auto
 
 
-def auto_stage_argv(training_args, model_args) -> list[str]:
-    """--zero_stage auto: the memory estimator's choice for this model on these GPUs, as flags, with the reason."""
+def plan_auto_stage(inputs: dict, model_args, explicit: dict[str, str]) -> None:
+    """--zero_stage auto: the memory estimator's choice for this model on these GPUs, applied to the parsed
+    TrainConfig values (config, micro-batch, accumulation, gradient checkpointing), with the reason."""
+    from types import SimpleNamespace
+
     from recipe import estimate
+    from recipe.ds_config import shipped
 
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     hw = estimate.run_hardware()
     if hw is None:
         say("--zero_stage auto: no CUDA GPU, no GPU memory to plan for: using stage 2.", file=sys.stderr)
-        return ["--zero_stage", "2"]
+        inputs["zero_stage"] = "2"
+        return
     try:
         shape = estimate.load_shape(model_args.model_name_or_path, model_args.model_revision,
-                                    training_args.trust_remote_code)
+                                    inputs.get("trust_remote_code", False))
     except OSError as e:
         raise ConfigError([f"--zero_stage auto needs the model's config to estimate memory: "
                            f"{model_args.model_name_or_path}: {str(e).splitlines()[0]}"]) from None
-    work = estimate.run_workload(training_args, model_args)
-    configs = {n: c for n, c in estimate.shipped_configs().items() if runnable_here(c)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    work = estimate.run_workload(SimpleNamespace(**{**defaults, **inputs}), model_args)
+    configs = {n: ds.config for n, ds in shipped().items() if ds.runnable_here()}
     rec = estimate.recommend(shape, configs, hw, work, max_batch=work.micro_batch)
     if rec.config is None:
         raise ConfigError([f"--zero_stage auto: {rec.reason}"])
-    flags = ["--zero_stage", rec.config.removeprefix("stage")]
+    changes = {"zero_stage": rec.config.removeprefix("stage")}
     if rec.micro_batch < work.micro_batch:
-        flags += ["--per_device_train_batch_size", str(rec.micro_batch)]
-        if training_args.global_batch_size is None:  # keep the global batch: more accumulation steps
-            total = training_args.gradient_accumulation_steps * work.micro_batch
-            flags += ["--gradient_accumulation_steps", str(-(-total // rec.micro_batch))]
+        changes["per_device_train_batch_size"] = rec.micro_batch
+        if inputs.get("global_batch_size") is None:  # keep the global batch: more accumulation steps
+            total = inputs.get("gradient_accumulation_steps", 1) * work.micro_batch
+            changes["gradient_accumulation_steps"] = -(-total // rec.micro_batch)
     if rec.gradient_checkpointing and not work.gradient_checkpointing:
-        flags += ["--gradient_checkpointing", "true"]
-    say(f"--zero_stage auto: {' '.join(flags)}. Why: {rec.reason}.", file=sys.stderr)
-    return flags
+        changes["gradient_checkpointing"] = True
+    inputs.update(changes)
+    explicit.update({k: "--zero_stage auto" for k in changes})
+    say(f"--zero_stage auto: {' '.join(f'--{k} {v}' for k, v in changes.items())}. Why: {rec.reason}.",
+        file=sys.stderr)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from recipe import REPO_ROOT
-from recipe.config import ConfigError
+from recipe.errors import ConfigError
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_COLUMNS = {  # detection order: the first format whose columns are all present wins

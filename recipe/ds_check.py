@@ -10,8 +10,9 @@ HfTrainerDeepSpeedConfig); this module reports what neither does.
 
 Known keys come from DeepSpeed itself (its UPPER_CASE constants, the keys its config parser reads,
 the fields and aliases of its pydantic models), so a key a new DeepSpeed adds is accepted as is.
-NVMe checks (libaio, a writable nvme_path) live in recipe/config.py nvme_problems. DeepSpeed is
-imported inside the functions: importing this module is cheap.
+NVMe checks (libaio, a writable nvme_path) are nvme_problems. The stage and offload devices are read
+through recipe.ds_config.DsConfig, as everywhere else. DeepSpeed's internal modules are imported inside the
+functions through ds_attr (it names the DeepSpeed version when one moves): importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
-import importlib
 import inspect
 import logging
 import math
+import os
 import re
 import typing
 from functools import lru_cache
+from pathlib import Path
+
+from recipe.ds_config import DsConfig, aio_available, cpu_adam_available, ds_attr
 
 AUTO = "auto"
 IDENTIFIER = re.compile(r"[A-Za-z_]\w*\Z")
@@ -105,13 +109,6 @@ HF_DEFAULT_OPTIMS = {"adamw_torch", "adamw_torch_fused"}
 HF_DEFAULT_SCHEDULER = "linear"
 
 
-def cpu_adam_available() -> bool:
-    """Whether DeepSpeed's CPUAdam op (ZeRO-Offload's optimizer) can be built here."""
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-
-    return bool(CPUAdamBuilder().is_compatible(verbose=False))
-
-
 def check_ds_config(config: dict, name: str = "ds_config", training: dict | None = None,
                     cpu_adam=cpu_adam_available) -> tuple[list[str], list[str]]:
     """Return (errors, warnings): every problem at once, each message naming the key path and its fix.
@@ -140,7 +137,7 @@ def msg(name: str, path: str, problem: str, fix: str) -> str:
 
 def _strings(module: str, names: str | tuple[str, ...] = "") -> set[str]:
     """String values of a module's UPPER_CASE constants: those named, or all with the prefix."""
-    mod = importlib.import_module(module)
+    mod = ds_attr(module)
     found = set()
     for attr, value in vars(mod).items():
         chosen = attr in names if isinstance(names, tuple) else attr.startswith(names)
@@ -153,7 +150,7 @@ def _strings(module: str, names: str | tuple[str, ...] = "") -> set[str]:
 def _literal_keys(module: str) -> set[str]:
     """String literals a parser uses as keys: x["k"], x.get("k", ...), "k" in x."""
     keys = set()
-    for node in ast.walk(ast.parse(inspect.getsource(importlib.import_module(module)))):
+    for node in ast.walk(ast.parse(inspect.getsource(ds_attr(module)))):
         if isinstance(node, ast.Subscript):
             candidates = [node.slice]
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
@@ -169,7 +166,7 @@ def _literal_keys(module: str) -> set[str]:
 
 def _model(spec: str):
     module, cls = spec.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return ds_attr(module, cls)
 
 
 @lru_cache(maxsize=1)
@@ -436,16 +433,13 @@ def _zero_value(config: dict, field: str):
 
 
 def _stage(config: dict) -> int | None:
-    """The ZeRO stage when it is a valid number (invalid ones are reported by value_problems)."""
-    stage = _zero(config).get("stage", 0)
-    return stage if isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage <= 3 else None
+    """The ZeRO stage when it is valid ("auto" as accelerate fills it; invalid ones are reported by value_problems)."""
+    return DsConfig(config).stage
 
 
 def offload_device(config: dict, key: str) -> str | None:
     """The offload device ("cpu", "nvme") of offload_optimizer/offload_param, or None."""
-    section = _zero(config).get(key)
-    device = section.get("device") if isinstance(section, dict) else None
-    return device if device in ("cpu", "nvme") else None
+    return DsConfig(config).offload(key)
 
 
 def _enabled(config: dict, key: str) -> bool:
@@ -628,3 +622,23 @@ def training_warnings(config: dict, name: str, training: dict) -> list[str]:
                             "not true at stage 3: the saved model/ folder would hold no weights (only a ZeRO "
                             "checkpoint, to convert with zero_to_fp32.py)", "set it true"))
     return warnings
+
+
+# ---------------------------------------------------------------- NVMe
+
+
+def nvme_problems(ds: DsConfig, aio=aio_available) -> list[str]:
+    """NVMe offload needs libaio and a writable directory: say so before any weights load."""
+    paths = ds.nvme_paths
+    if not paths:
+        return []
+    problems = []
+    for path in paths:
+        if not Path(path).is_dir() or not os.access(path, os.W_OK):
+            problems.append(f"NVMe offload path {path} is not a writable directory: create it "
+                            f"(mkdir -p {path}) on a local NVMe disk, or pass another --nvme_path.")
+    if not aio():
+        problems.append("NVMe offload needs DeepSpeed's async_io op, which needs libaio: install it "
+                        "(apt install libaio-dev, or conda install -c conda-forge libaio) and rerun, or use "
+                        "--zero_stage 3_offload (CPU memory instead of NVMe).")
+    return problems

@@ -13,7 +13,6 @@ loss by what the fused loss keeps. Everything is in bytes; tables print GiB.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,20 +144,17 @@ class DsFeatures:
 
 def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
     """What the estimate needs from a DeepSpeed config; "auto" buckets as transformers fills them."""
-    zero = config.get("zero_optimization", {}) or {}
-    stage = zero.get("stage", 0)
-    stage = 2 if stage == "auto" else int(stage)
+    from recipe.ds_config import DsConfig
 
-    def device(key):
-        d = (zero.get(key) or {}).get("device")
-        return d if d in ("cpu", "nvme") else None
+    ds = DsConfig(config)
+    zero, stage = ds.zero, ds.stage or 0
 
     def number(key, auto, default):
         v = zero.get(key, default)
         return auto if v == "auto" else float(v)
 
     h2 = shape.hidden * shape.hidden
-    return DsFeatures(stage, device("offload_optimizer"), device("offload_param") if stage == 3 else None,
+    return DsFeatures(stage, ds.offload_optimizer, ds.offload_param,
                       number("reduce_bucket_size", h2, 5e8), number("stage3_prefetch_bucket_size", 0.9 * h2, 5e7),
                       bool(zero.get("overlap_comm", stage == 3)))
 
@@ -198,8 +194,12 @@ def loss_head_bytes(shape: ModelShape, work: Workload, head_trained: bool) -> fl
 
 def ds_model_states(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int) -> tuple[float, float]:
     """(GPU, CPU per node) bytes for the trained parameters, from DeepSpeed's own estimators."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from recipe.ds_config import ds_attr
+
+    estimate_zero3_model_states_mem_needs = ds_attr("deepspeed.runtime.zero.stage3",
+                                                    "estimate_zero3_model_states_mem_needs")
+    estimate_zero2_model_states_mem_needs = ds_attr("deepspeed.runtime.zero.stage_1_and_2",
+                                                    "estimate_zero2_model_states_mem_needs")
 
     if f.stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -343,10 +343,9 @@ def recommend(shape: ModelShape, configs: dict[str, dict], hw: Hardware, work: W
 
 
 def shipped_configs(names: list[str] | None = None) -> dict[str, dict]:
-    from recipe.config import DS_CONFIG_DIR
+    from recipe.ds_config import shipped
 
-    paths = sorted(DS_CONFIG_DIR.glob("*.json"))
-    return {p.stem: json.loads(p.read_text()) for p in paths if names is None or p.stem in names}
+    return {name: ds.config for name, ds in shipped().items() if names is None or name in names}
 
 
 def gib_row(est: dict) -> dict:

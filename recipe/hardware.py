@@ -1,49 +1,19 @@
-"""Hardware facts and process set-up: precision, distributed environment, GPU peak FLOP/s.
+"""Hardware facts and process set-up: precision and the distributed environment (GPU peaks: recipe.metrics).
 
-Everything here runs before TrainingArguments is built, because building it initialises the
-device and the process group.
+`prepare_process()` is the one place that changes the process: train_ds.py (and scripts) call it once at start,
+before arguments are parsed, because building TrainingArguments initialises the device and the process group.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import socket
 
-# Dense bf16/fp16 tensor-core peak (TFLOP/s) by GPU name, from the vendors' datasheets.
-# Matched against torch.cuda.get_device_name() in order, first hit wins.
-PEAK_TFLOPS = [
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM and NVL
-    ("H800", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L40", 181.0),
-    ("A6000", 155.0),
-    ("A10G", 125.0),
-    ("A10", 125.0),
-    ("L4", 121.0),
-    ("4090", 165.0),
-    ("3090", 71.0),
-    ("V100", 125.0),
-    ("T4", 65.0),
-]
-
-
-def peak_tflops(device_name: str | None) -> float | None:
-    """Dense bf16 peak of a GPU by its name, or None when unknown (MFU is then not reported)."""
-    if not device_name:
-        return None
-    for key, tflops in PEAK_TFLOPS:
-        if key in device_name:
-            return tflops
-    return None
-
+logger = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def fix_cuda_arch_list(environ=os.environ) -> str | None:
     """Strip arch suffixes (``9.0a`` -> ``9.0``) from TORCH_CUDA_ARCH_LIST.
@@ -67,6 +37,37 @@ def fix_cuda_arch_list(environ=os.environ) -> str | None:
             entries.append(entry)
     environ["TORCH_CUDA_ARCH_LIST"] = ";".join(entries)
     return environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def prepare_process(environ=os.environ) -> None:
+    """Set up this process, once, before parsing: logging (INFO for rank 0, warnings for the others), a world of one
+    process for plain `python train_ds.py`, TORCH_CUDA_ARCH_LIST that DeepSpeed's op builder can parse, CPU threads
+    shared between the local ranks, and the library noise that says nothing to a user silenced at its source.
+    Idempotent."""
+    ensure_distributed_env(environ)
+    is_main = environ.get("RANK", "0") == "0"
+    logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING)
+    for name in ("train_ds", "recipe", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO if is_main else logging.WARNING)
+    old = environ.get("TORCH_CUDA_ARCH_LIST")
+    fixed = fix_cuda_arch_list(environ)
+    if fixed and is_main:
+        logger.info("TORCH_CUDA_ARCH_LIST=%s -> %s: DeepSpeed's op builder cannot parse arch suffixes such as 9.0a "
+                    "(9.0 builds the same sm_90 code).", old, fixed)
+    import torch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in environ:
+        # share the cores between the local ranks instead of oversubscribing them
+        threads = max(1, (os.cpu_count() or 1) // local_world_size(environ))
+        environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    from recipe.noise import quiet_libraries
+
+    quiet_libraries()
+
+
+def world_size(environ=os.environ) -> int:
+    return int(environ.get("WORLD_SIZE") or 1)
 
 
 def _free_port() -> int:

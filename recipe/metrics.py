@@ -1,16 +1,71 @@
 """Throughput, model FLOPs, MFU and peak memory, measured per logging interval.
 
-Model FLOPs per sequence of length s: 6·N·s + 12·L·h·s² (N: all parameters counted once, frozen ones
-(LoRA's base) at 4 instead of 6,
-L layers, h hidden size); the second term is attention's score and value products. Padding is
-not counted: tokens are the attention-mask ones; packed rows restart position_ids at 0.
+MFU convention: the field's causal one (the non-causal count of PaLM/Megatron with half the attention scores,
+what TRL's adjusted_mfu calls the Llama / DeepSpeed Ulysses convention). Model FLOPs per token are
+6·N_trained + 4·N_frozen + 6·L·h·s, i.e. per sequence of length s (6·N_trained + 4·N_frozen)·s + 6·L·h·s².
+
+- N: the parameters counted once, without the input-embedding lookup (a gather, no matmul) but with the LM
+  head; tied embeddings are the head's matmul, so a tied model subtracts nothing.
+- Frozen parameters (LoRA's base) count 4 FLOPs per token instead of 6 (forward + input gradient, no weight
+  gradient); a frozen input embedding is left out like a trained one.
+- 6·L·h·s: attention's score and value products (2·2·h·s per token per layer over the full s, halved by the
+  causal mask, times 3 for forward + backward); L layers, h the attention width (heads x head_dim, the hidden
+  size for Llama).
+
+Padding is not counted: tokens are the attention-mask ones; packed rows restart position_ids at 0. MFU is
+these FLOPs per second over the GPU's dense bf16 peak (`peak_tflops`). Gradient-checkpointing recompute is
+not model FLOPs and is not counted.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
+
+# The convention in one line, for reports (scripts/benchmark.py's table header, README).
+MFU_FORMULA = ("MFU = (6·N + 6·L·h·s) FLOPs per token x tokens/s per GPU / the GPU's dense bf16 peak (989 TFLOP/s for "
+               "H100/H200 SXM): causal attention; N the parameters without the input embedding, LM head included "
+               "(frozen ones, LoRA's base, at 4·N instead of 6·N); L layers, h hidden size, s sequence length")
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s that TRL's get_peak_flops (trl 1.16) lacks; TRL's table is
+# used first. Where our old table (recipe/hardware.py) and TRL's disagree, TRL is right:
+# - H100 NVL: ours said 989 (as SXM), TRL 835. NVIDIA's H100 datasheet lists BF16 1,979 TFLOPS (SXM) and 1,671
+#   (NVL), both "with sparsity": dense 989 and 835.5. H200 NVL likewise (1,671 sparse -> 835; ours matched "H200",
+#   989). H100 PCIe 756 (1,513 sparse), H100/H200 SXM 989: both tables agree.
+# - TRL lacks the entries below (the datasheets' dense figures; GeForce cards at FP32 accumulate, as autocast runs):
+#   H800 SXM 989 / PCIe 756 (H100 compute, reduced interconnect), GH200 989 (its H100/H200 die at SXM clocks; TRL's
+#   \bH200\b does not match "GH200"), A800 312 (A100 compute), L40 181 (362 sparse), RTX 4090 165 and RTX 3090 71
+#   (bf16/fp16 with FP32 accumulate, Ada/Ampere GA102 whitepapers), V100 125 (fp16 only; no bf16).
+# Matched like TRL's: case-insensitive whole words of torch.cuda.get_device_name(), first hit wins.
+_OUR_PEAK_TFLOPS = (
+    ("H800 PCIe", {"bfloat16": 756.0, "float16": 756.0}),
+    ("H800", {"bfloat16": 989.0, "float16": 989.0}),
+    ("GH200", {"bfloat16": 989.0, "float16": 989.0}),
+    ("A800", {"bfloat16": 312.0, "float16": 312.0}),
+    ("L40", {"bfloat16": 181.0, "float16": 181.0}),
+    ("4090", {"bfloat16": 165.0, "float16": 165.0}),
+    ("3090", {"bfloat16": 71.0, "float16": 71.0}),
+    ("V100", {"float16": 125.0}),
+)
+
+
+def peak_tflops(device_name: str | None, dtype: str = "bfloat16") -> float | None:
+    """Dense tensor-core peak (TFLOP/s) of a GPU by its name for `dtype` ("bfloat16" or "float16"), or None when
+    unknown (MFU is then not reported): TRL's get_peak_flops, then the few it lacks (_OUR_PEAK_TFLOPS)."""
+    if not device_name:
+        return None
+    from trl.trainer.utils import get_peak_flops
+
+    flops = get_peak_flops(device_name, dtype)
+    if flops is not None:
+        return flops / 1e12
+    name = device_name.casefold()
+    for key, by_dtype in _OUR_PEAK_TFLOPS:
+        if re.search(rf"\b{re.escape(key.casefold())}\b", name):
+            return by_dtype.get(dtype)
+    return None
 
 
 def token_stats(inputs: dict) -> tuple:
@@ -36,15 +91,17 @@ def token_stats(inputs: dict) -> tuple:
 
 def model_flops(tokens: float, sum_sq_lengths: float, n_params: int, n_layers: int, hidden: int,
                 frozen_params: int = 0) -> float:
-    """Forward + backward model FLOPs: 6·N per token for trained weights, 4·N for frozen ones (LoRA's base: no
-    weight gradient), plus attention's 12·L·h·s² per sequence."""
-    return (6.0 * n_params + 4.0 * frozen_params) * tokens + 12.0 * n_layers * hidden * sum_sq_lengths
+    """Forward + backward model FLOPs, causal attention: 6 per token per trained weight, 4 per frozen one (LoRA's
+    base: no weight gradient), plus attention's 6·L·h·s² per sequence (6·L·h·s per token). n_params and
+    frozen_params leave out the input embedding (see flop_params)."""
+    return (6.0 * n_params + 4.0 * frozen_params) * tokens + 6.0 * n_layers * hidden * sum_sq_lengths
 
 
 class ThroughputMeter:
     """Counts tokens and FLOPs per micro-batch on this rank; reports rates per logging interval.
 
-    Counting stays on the device (no sync per step); the numbers are read at each log, where the
+    n_params / frozen_params: trained / frozen parameters without the input embedding (flop_params); hidden: the
+    attention width. Counting stays on the device (no sync per step); the numbers are read at each log, where the
     Trainer synchronises anyway. Intervals are back to back: the first starts at the first batch.
     """
 
@@ -116,12 +173,42 @@ def count_params(model, trainable: bool | None = None) -> int:
     return sum(param_numel(p) for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-def meter_for(model) -> ThroughputMeter:
-    """A meter for this model on this process's device (MFU against the detected GPU's peak)."""
-    from recipe.hardware import peak_tflops
+def _weight(model, getter: str):
+    """The weight of model.get_input_embeddings() / get_output_embeddings(), or None where a model has none."""
+    try:
+        module = getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
+    return None if module is None else getattr(module, "weight", None)
 
+
+def flop_params(model) -> tuple[int, int]:
+    """(trained, frozen) parameters that do matmul FLOPs: all, counted once, less the input embedding (a lookup).
+    A tied embedding is the LM head's weight, whose matmul counts: tied models subtract nothing."""
+    trained, frozen = count_params(model, trainable=True), count_params(model, trainable=False)
+    embedding, head = _weight(model, "get_input_embeddings"), _weight(model, "get_output_embeddings")
+    if embedding is None or embedding is head:
+        return trained, frozen
+    if embedding.requires_grad:
+        return trained - param_numel(embedding), frozen
+    return trained, frozen - param_numel(embedding)
+
+
+def attention_width(config) -> int:
+    """h of the attention term: query heads x head dim (the hidden size for Llama; not for every model)."""
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
+    return heads * head_dim if heads and head_dim else config.hidden_size
+
+
+def meter_for(model) -> ThroughputMeter:
+    """A meter for this model on this process's device (MFU against the detected GPU's dense peak: bf16, or fp16 on
+    GPUs without bf16, where the run trains in fp16)."""
     cuda = torch.cuda.is_available()
     config = model.config
-    return ThroughputMeter(count_params(model, trainable=True), config.num_hidden_layers, config.hidden_size,
-                           peak_tflops(torch.cuda.get_device_name() if cuda else None), cuda,
-                           frozen_params=count_params(model, trainable=False))
+    peak = None
+    if cuda:
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        peak = peak_tflops(torch.cuda.get_device_name(), dtype)
+    trained, frozen = flop_params(model)
+    return ThroughputMeter(trained, config.num_hidden_layers, attention_width(config), peak, cuda,
+                           frozen_params=frozen)

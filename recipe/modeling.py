@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from recipe.config import ConfigError
+from recipe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

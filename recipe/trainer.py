@@ -8,6 +8,9 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
+from recipe.checkpoints import disk_full_message, last_complete
+from recipe.config import sft_loss_needed
+from recipe.errors import TrainingError
 from recipe.report import write_json
 
 logger = logging.getLogger(__name__)
@@ -32,22 +35,18 @@ class ThroughputMixin:
 class RecipeTrainer(ThroughputMixin, SFTTrainer):
     """SFTTrainer with live throughput metrics, the recipe's fused-loss choice, and resume on another process
     count (recipe.universal: a ZeRO checkpoint written by N processes is converted to DeepSpeed's universal
-    checkpoint and loaded on M)."""
+    checkpoint and loaded on M). Set resume_plan (recipe.checkpoints.prepare_resume) before train()."""
 
-    resume_plan = None  # recipe.universal.ResumePlan of a DeepSpeed resume (world sizes, universal or not)
+    resume_plan = None  # recipe.checkpoints.ResumePlan, decided before the model loaded (None: fresh start)
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
+    def train(self, *args, **kwargs):
+        """Train from scratch, or resume as resume_plan says (through the universal checkpoint when it must)."""
+        plan = self.resume_plan
+        if plan is not None and plan.universal and self.is_deepspeed_enabled:
+            from recipe.universal import begin_load
 
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or resume_from_checkpoint
-        self.resume_plan = None
-        if isinstance(resume_from_checkpoint, (str, Path)) and self.is_deepspeed_enabled:
-            from recipe.universal import prepare_resume
-
-            self.resume_plan = prepare_resume(str(resume_from_checkpoint), self.args,
-                                              self.accelerator.state.deepspeed_plugin)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            begin_load(plan, self.args, self.accelerator.state.deepspeed_plugin)
+        return super().train(str(plan.checkpoint) if plan is not None else None, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         try:
@@ -56,8 +55,6 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
             message = disk_full_message(e, self.args.output_dir, self.state.global_step)
             if message is None:
                 raise
-            from recipe.config import TrainingError
-
             raise TrainingError(message) from e
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -79,7 +76,10 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
         super()._load_rng_state(checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.token_metrics and self.args.speed.get("fused_loss") == "trl":
+        if self.args.speed.get("fused_loss") == "trl" and (self.args.token_metrics or sft_loss_needed(self.args)):
+            # SFTTrainer's own loss: TRL's chunked head plus what it alone computes (DFT, label smoothing, token
+            # metrics), at the price of a host sync per micro-batch (recipe.config.loss_option_problems refuses
+            # these options with the Liger loss)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The model computes its own loss without full logits: Liger's fused linear cross-entropy
         # (recipe.speed patched the forward) or TRL's chunked head. Trainer.compute_loss passes
@@ -112,124 +112,6 @@ class HeldoutCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.scores["heldout_score_after"] = self.score(model)
         logger.info("held-out exact match after training: %.3f", self.scores["heldout_score_after"])
-
-
-COMPLETE_MARKER = "checkpoint_complete.json"
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """checkpoint-N folders in output_dir, oldest first."""
-    out = Path(output_dir)
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()] \
-        if out.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def is_complete(checkpoint: Path) -> bool:
-    return (Path(checkpoint) / COMPLETE_MARKER).exists()
-
-
-def last_complete(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint in output_dir that every rank finished writing, if any."""
-    return next((c for c in reversed(checkpoints(output_dir)) if is_complete(c)), None)
-
-
-def read_marker(checkpoint: str | Path) -> dict:
-    """What CheckpointCompleteCallback wrote into a checkpoint ({} without a readable marker)."""
-    import json
-
-    try:
-        marker = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
-
-
-# how a full disk (or quota) surfaces from the writers a checkpoint goes through: OSError from Python's own files,
-# torch.save's RuntimeError ("file write failed", or "unexpected pos" for a short write), safetensors'
-# SafetensorError (StorageFull). And whatever the error says: a save that failed with almost no space left.
-_DISK_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull", "file write failed", "unexpected pos")
-_NEARLY_FULL = 64 * 2**20
-
-
-def disk_full_message(error: BaseException, output_dir: str | Path, step: int) -> str | None:
-    """The message for a checkpoint save that failed because the disk filled up, or None for any other failure."""
-    import errno
-    import shutil
-
-    chain, seen = [], error
-    while seen is not None and len(chain) < 10:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    try:
-        usage = shutil.disk_usage(output_dir)
-    except OSError:
-        usage = None
-    full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(e) for m in _DISK_FULL)
-               for e in chain)
-    if not full and not (usage and usage.free < _NEARLY_FULL):
-        return None
-    last = last_complete(output_dir)
-    space = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB" if usage else "free space unknown"
-    need = f"; a checkpoint here takes {tree_size(last) / 2**30:.2f} GiB" if last else ""
-    kept = (f"{last.name} is complete and untouched: rerunning the same command resumes from it once there is room"
-            if last else "no earlier checkpoint was complete: rerunning starts over")
-    return (f"the disk filled up while saving checkpoint-{step} in {output_dir} ({space}{need}). checkpoint-{step} is "
-            f"incomplete and will be skipped; {kept}. Free space (delete old runs or checkpoints; --save_total_limit N "
-            "keeps only the newest N), or point --results_dir (or --output_dir) at a larger disk.")
-
-
-def tree_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def space_warning(checkpoint: Path, args, state) -> str | None:
-    """After a save: will the disk hold the checkpoints this run has still to write (net of --save_total_limit)?
-    Said at the first checkpoint, from its measured size, rather than found out when a save fails hours later."""
-    import math
-    import shutil
-
-    if args.save_strategy != "steps" or not args.save_steps or state.max_steps <= 0:
-        return None
-    every = int(args.save_steps) if args.save_steps >= 1 else math.ceil(args.save_steps * state.max_steps)
-    left = (state.max_steps - state.global_step) // every
-    limit = args.save_total_limit
-    # the Trainer deletes the oldest beyond the limit after writing the new one: limit + 1 at the peak
-    more = min(left, max(0, limit + 1 - len(checkpoints(args.output_dir)))) if limit else left
-    size, free = tree_size(checkpoint), shutil.disk_usage(checkpoint).free
-    if more <= 0 or not size or free >= more * size:
-        return None
-    kept = f" at once (--save_total_limit {limit})" if limit else ""
-    return (f"{args.output_dir} has {free / 2**30:.2f} GiB free; {checkpoint.name} takes {size / 2**30:.2f} GiB and "
-            f"this run needs room for {more} more checkpoint(s){kept}: the disk fills at checkpoint-"
-            f"{state.global_step + (free // size + 1) * every}. Free space, set --save_total_limit N (keeps the newest "
-            "N), or use a larger --results_dir. (A save cut off by a full disk stops the run; the checkpoint before "
-            "it stays usable.)")
-
-
-class CheckpointCompleteCallback(TrainerCallback):
-    """After every rank has written a checkpoint, rank 0 marks it complete; resume trusts only marked ones.
-    The marker also says what trained (train_ds.what_trains), so that a resume into something else is refused."""
-
-    def __init__(self, trains: dict | None = None):
-        self.trains, self.warned = trains, False
-
-    def on_save(self, args, state, control, **kwargs):
-        import time
-
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank's shards are on disk
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and path.is_dir():
-            # world_size: how many processes wrote it (recipe.universal resumes it on another count)
-            write_json(path / COMPLETE_MARKER, {"global_step": state.global_step, "time": time.time(),
-                                                "world_size": args.world_size, "trains": self.trains})
-            warning = None if self.warned else space_warning(path, args, state)
-            if warning:
-                logger.warning(warning)
-                self.warned = True
 
 
 class ReleaseShmBuffersCallback(TrainerCallback):

@@ -4,9 +4,11 @@ A ZeRO checkpoint holds the optimizer state (stage 3: the weights too) partition
 it, one `*zero_pp_rank_<r>_*optim_states.pt` per data-parallel rank, and DeepSpeed's engine.load_checkpoint (which
 the Trainer calls) refuses another count: "The checkpoint being loaded used a DP world size of 2 but the current
 world size is 1". When a resumed run's world size differs from its checkpoint's, `prepare_resume` (RecipeTrainer.
-train, before the engine is built):
+train, before the engine is built; recipe.checkpoints.plan_resume decided before any weights loaded that the
+checkpoint needs it):
 
-1. converts the checkpoint once with DeepSpeed's converter (deepspeed.checkpoint.ds_to_universal) on rank 0 into
+1. converts the checkpoint once with DeepSpeed's converter (`python -m deepspeed.checkpoint.ds_to_universal`, its public entry point) on
+   rank 0 into
    `checkpoint-N/global_stepN_universal/` and `checkpoint-N/latest_universal`, the other ranks waiting; a
    conversion cut off midway is redone, a finished one reused. The Trainer's checkpoints lack the
    universal_checkpoint_info that Megatron-DeepSpeed writes and the converter asserts for stages 1-2:
@@ -30,109 +32,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import os
 import shutil
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from recipe.checkpoints import ResumePlan, ds_step_dir
 
 logger = logging.getLogger(__name__)
 
-UNIVERSAL_SUFFIX = "_universal"
 DONE_MARKER = "universal_conversion.json"  # written into global_stepN_universal/ once the conversion finished
-_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-
-
-def ds_step_dir(checkpoint: str | Path) -> Path | None:
-    """The DeepSpeed tag folder (global_stepN) of a Trainer checkpoint: the one `latest` names, else the only one."""
-    ckpt = Path(checkpoint)
-    latest = ckpt / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and (ckpt / tag).is_dir():
-            return ckpt / tag
-    found = [p for p in ckpt.glob("global_step*") if p.is_dir() and p.name[len("global_step"):].isdigit()]
-    return found[0] if len(found) == 1 else None
-
-
-def zero_shard_ranks(checkpoint: str | Path) -> list[int]:
-    """Data-parallel ranks with a ZeRO optimizer shard in the checkpoint (empty: not a ZeRO 1-3 checkpoint)."""
-    step = ds_step_dir(checkpoint)
-    if step is None:
-        return []
-    return sorted({int(m.group(1)) for f in step.iterdir() if (m := _SHARD.search(f.name))})
-
-
-def saved_world_size(checkpoint: str | Path) -> int | None:
-    """How many processes wrote the checkpoint: its ZeRO shards, else the completion marker (world_size, written
-    by CheckpointCompleteCallback), else the Trainer's per-process RNG files. None when nothing tells."""
-    ckpt = Path(checkpoint)
-    ranks = zero_shard_ranks(ckpt)
-    if ranks:
-        return max(ranks) + 1
-    from recipe.trainer import read_marker
-
-    world = read_marker(ckpt).get("world_size")
-    if isinstance(world, int) and world > 0:
-        return world
-    rng = [p for p in ckpt.glob("rng_state_*.pth") if p.stem.rsplit("_", 1)[-1].isdigit()]
-    if rng:
-        return len(rng)
-    return 1 if (ckpt / "rng_state.pth").is_file() else None
-
-
-def saved_zero_stage(checkpoint: str | Path) -> int | None:
-    """3 (per-rank model state files), 1 or 2 (optimizer shards only; the converter tells them apart itself),
-    0 (no ZeRO shards: the optimizer state is whole), None (no DeepSpeed folder)."""
-    step = ds_step_dir(checkpoint)
-    if step is None:
-        return None
-    if not zero_shard_ranks(checkpoint):
-        return 0
-    return 3 if any(step.glob("*zero_pp_rank_*_model_states.pt")) else 2
-
-
-@dataclass
-class ResumePlan:
-    """What a resume from `checkpoint` on `world_size` processes needs."""
-
-    checkpoint: Path
-    saved_world_size: int | None
-    world_size: int
-    saved_stage: int | None
-    universal: bool  # convert and load through the universal checkpoint
-
-    @property
-    def universal_dir(self) -> Path:
-        step = ds_step_dir(self.checkpoint)
-        return step.with_name(step.name + UNIVERSAL_SUFFIX)
-
-
-def plan_resume(checkpoint: str | Path, world_size: int, zero_stage: int | None, ds_config: dict | None = None
-                ) -> ResumePlan:
-    """Decide how to resume; raise ConfigError for a world-size change that cannot be done."""
-    from recipe.config import ConfigError
-
-    ckpt = Path(checkpoint)
-    saved = saved_world_size(ckpt)
-    stage = saved_zero_stage(ckpt)
-    plan = ResumePlan(ckpt, saved, world_size, stage, universal=False)
-    if saved is None or saved == world_size or stage is None or stage == 0:
-        return plan  # same count (the normal resume), not a DeepSpeed checkpoint, or stage 0 (state whole)
-    if not zero_stage:
-        raise ConfigError([
-            f"{ckpt.name} was written by {saved} process(es) with ZeRO stage {'3' if stage == 3 else '1/2'}; this run "
-            f"has {world_size} with ZeRO stage 0, which cannot load ZeRO-partitioned optimizer state. Resume with "
-            f"--zero_stage 1, 2 or 3 (a different count works there), or on {saved} process(es)."])
-    from recipe.ds_check import offload_device
-
-    if offload_device(ds_config or {}, "offload_optimizer") == "nvme":
-        raise ConfigError([
-            f"{ckpt.name} was written by {saved} process(es); this run has {world_size} and offloads the optimizer to "
-            "NVMe, where DeepSpeed cannot load a universal checkpoint. Resume on the same count, or with "
-            "--zero_stage 3_offload (CPU) for this resume."])
-    plan.universal = True
-    return plan
 
 
 def convert(plan: ResumePlan, is_main: bool, workers: int = 1) -> Path:
@@ -148,7 +59,7 @@ def convert(plan: ResumePlan, is_main: bool, workers: int = 1) -> Path:
             if out.exists():
                 logger.warning("removing %s: a conversion that did not finish.", out)
                 shutil.rmtree(out)
-            _run_converter(source, out, workers)
+            run_converter(source, out, workers)
             done.write_text(json.dumps({"source": source.name,
                                         "source_world_size": plan.saved_world_size,
                                         "zero_stage": plan.saved_stage, "time": time.time()}, indent=2) + "\n")
@@ -162,25 +73,27 @@ def convert(plan: ResumePlan, is_main: bool, workers: int = 1) -> Path:
     return out
 
 
-def _run_converter(source: Path, out: Path, workers: int) -> None:
-    import argparse
-    import contextlib
-    import io
+def converter_command(source: Path, out: Path, workers: int) -> list[str]:
+    """DeepSpeed's converter as its documentation runs it. --inject_missing_state: the Trainer's checkpoints carry
+    no universal_checkpoint_info (Megatron-DeepSpeed writes it; the converter asserts it for stages 1-2)."""
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+            "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
+            "--inject_missing_state"]
 
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    args = argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=workers,
-                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # the Trainer's checkpoints carry no Megatron info
+def run_converter(source: Path, out: Path, workers: int) -> None:
     start = time.time()
     logger.info("converting %s to a universal checkpoint in %s (DeepSpeed ds_to_universal)...", source, out)
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            ds_to_universal(args)
-    except BaseException:
-        logger.error("ds_to_universal failed; its output:\n%s", printed.getvalue())
-        raise
+    # one process: the converter's own pools, and no accelerator it needs (it works on CPU tensors)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run(converter_command(source, out, workers), capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        logger.error("ds_to_universal failed (exit %d); its output:\n%s%s", done.returncode, done.stdout[-4000:],
+                     done.stderr[-4000:])
+        raise RuntimeError(f"DeepSpeed's ds_to_universal could not convert {source} (exit {done.returncode}); its "
+                           "output is in the log above. The checkpoint itself is untouched: resume on the process "
+                           "count that wrote it.")
     logger.info("converted in %.1f s.", time.time() - start)
 
 
@@ -209,21 +122,13 @@ def enable_universal_load(ds_plugin, on: bool) -> None:
             config.pop("checkpoint")
 
 
-def prepare_resume(checkpoint: str, args, ds_plugin) -> ResumePlan:
-    """Before trainer.train builds the engine: detect a world-size change, convert, turn on load_universal."""
-    plan = plan_resume(checkpoint, args.world_size, ds_plugin.zero_stage, ds_plugin.deepspeed_config)
-    if not plan.universal:
-        if plan.saved_stage == 0 and plan.saved_world_size not in (None, args.world_size):
-            logger.info("%s was written by %d process(es), this run has %d: a stage-0 checkpoint holds the whole "
-                        "optimizer state, so it loads as it is.", plan.checkpoint.name, plan.saved_world_size,
-                        args.world_size)
-        return plan
+def begin_load(plan: ResumePlan, args, ds_plugin) -> None:
+    """Before trainer.train builds the engine (plan.universal): convert once, turn on load_universal."""
     logger.warning("%s was written by %d process(es), this run has %d: resuming through DeepSpeed's universal "
                    "checkpoint (weights and optimizer state re-partitioned for %d).", plan.checkpoint.name,
                    plan.saved_world_size, args.world_size, args.world_size)
     convert(plan, args.process_index == 0)
     enable_universal_load(ds_plugin, True)
-    return plan
 
 
 def finish_load(plan: ResumePlan, engine, ds_plugin) -> None:

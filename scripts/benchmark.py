@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recipe.metrics import MFU_FORMULA  # the runs' MFU convention, stated in every table
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -116,6 +118,7 @@ def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, c
     return {
         "name": name, "variant": variant, "gpu": gpu, "num_gpus": gpus, "zero_stage": stage, "batch_size": batch, "seq_len": seq_len,
         "tokens_per_second_per_gpu": tps, "tflops_per_gpu": s.get("tflops_per_device"), "mfu": s.get("mfu"),
+        "mfu_convention": MFU_FORMULA,
         "peak_memory_gib": s.get("peak_memory_gib"), "step_time_s": batch * seq_len / tps if tps else None,
         "loss": s.get("train_loss"), "status": status,
         "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "gradient_checkpointing")
@@ -145,7 +148,7 @@ def fmt(v, spec):
 
 
 def write_table(rows: list[dict], path: Path, header: str) -> None:
-    lines = [header, "",
+    lines = [header, "", f"{MFU_FORMULA}.", "",
              "| run | GPUs | ZeRO | batch/GPU | seq | step (s) | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem (GiB) "
              "| loss | vs baseline | scaling vs 1 GPU | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -178,7 +181,7 @@ def write_chart(rows: list[dict], path: Path, title: str) -> None:
             ax.annotate(f"{100 * r['mfu']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(done)), [r["name"] for r in done], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("thousand tokens/s per GPU (label: MFU)")
+    ax.set_ylabel("thousand tokens/s per GPU (label: MFU, causal)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -190,6 +193,10 @@ def merge(a) -> list[dict]:
     from recipe.report import write_json
 
     rows = [r for path in a.merge for r in json.loads(Path(path).read_text())]
+    stale = [r["name"] for r in rows if r.get("mfu") and r.get("mfu_convention") != MFU_FORMULA]
+    if stale:
+        print(f"warning: MFU of {', '.join(stale)} was counted by another convention than the table states: "
+              "run scripts/recompute_mfu.py on their results.json first.", file=sys.stderr)
     add_ratios(rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

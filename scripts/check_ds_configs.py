@@ -124,7 +124,7 @@ def main(argv=None):
     a = parse_args(argv)
     import torch
 
-    from recipe.config import ds_config_names
+    from recipe.ds_config import ds_config_names
     from recipe.report import git_commit, write_json
 
     total = torch.cuda.device_count()

@@ -44,7 +44,7 @@ def pick_checkpoint(path: Path) -> Path:
         raise SystemExit(f"error: {path} is not a folder. Pass results/<run>/checkpoints/checkpoint-N.")
     if (path / "config.json").exists() or (path / "adapter_config.json").exists():
         return path
-    from recipe.trainer import checkpoints
+    from recipe.checkpoints import checkpoints
 
     found = checkpoints(path)
     if not found:

@@ -86,7 +86,7 @@ def load(path: str, base: str | None = None):
                          "output of scripts/export.py or scripts/merge_lora.py) or a LoRA adapter folder.")
     from merge_lora import load_base
 
-    from recipe.config import ConfigError
+    from recipe.errors import ConfigError
     from recipe.modeling import load_tokenizer
 
     try:

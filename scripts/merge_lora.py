@@ -171,7 +171,7 @@ def load_peft_model(adapter: Path, base: str | None = None, seed: int | None = N
         check_base(base)
     from peft import PeftModel
 
-    from recipe.config import ConfigError
+    from recipe.errors import ConfigError
     from recipe.modeling import TINY_NAME
 
     try:

@@ -9,8 +9,23 @@ from pathlib import Path
 import pytest
 
 from recipe import REPO_ROOT
-from recipe.config import ConfigError, parse_args, resolve_ds_config
-from recipe.hardware import fix_cuda_arch_list, peak_tflops, resolve_precision
+from recipe.config import parse_args
+from recipe.ds_check import nvme_problems
+from recipe.ds_config import resolve
+from recipe.errors import ConfigError
+from recipe.hardware import fix_cuda_arch_list, prepare_process, resolve_precision
+
+prepare_process()  # what train_ds.py does before parsing: a world of one process
+
+
+def resolve_ds_config(deepspeed, zero_stage, nvme_path, problems):
+    """(config, path) of recipe.ds_config.resolve, its problems appended to `problems`."""
+    try:
+        ds = resolve(deepspeed, zero_stage, nvme_path)
+    except ConfigError as e:
+        problems += e.problems
+        return None, None
+    return ds.config, ds.path
 
 RECIPES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
@@ -85,14 +100,24 @@ def test_global_batch_size_sets_accumulation():
 
 def test_unknown_yaml_key_fails(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match="learning_rat"):
+    bad.write_text("learning_rat: 0.1\nmax_steps: 3\nwarmup_stepz: 2\n")
+    with pytest.raises(ConfigError) as e:
         parse_args(["--config", str(bad)])
+    assert e.value.problems == [
+        f"{bad}: unknown key learning_rat: did you mean learning_rate? (`uv run python train_ds.py --help` lists "
+        "them all)",
+        f"{bad}: unknown key warmup_stepz: did you mean warmup_steps? (`uv run python train_ds.py --help` lists "
+        "them all)"]
 
 
 def test_unknown_cli_flag_fails():
-    with pytest.raises((ValueError, SystemExit)):
-        parse_args(["--learning_rat", "0.1"])
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--learning_rat", "0.1", "--max_stepz=3", "--logging_steps", "1", "--zzzzzz"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["unknown flag --learning_rat", "unknown flag --max_stepz",
+                                                           "unknown flag --zzzzzz"]
+    assert "did you mean --learning_rate?" in e.value.problems[0]
+    assert "did you mean --max_steps?" in e.value.problems[1]
+    assert "no such argument" in e.value.problems[2]
 
 
 def test_stage_that_does_not_exist():
@@ -126,15 +151,12 @@ def test_nvme_needs_a_path(monkeypatch, tmp_path):
 
 
 def test_nvme_checks_libaio_and_the_directory(tmp_path):
-    from recipe.config import nvme_problems
-
-    problems = []
-    config, _ = resolve_ds_config(None, "3_nvme", str(tmp_path), problems)
-    assert nvme_problems(config, aio=lambda: True) == []
-    assert "libaio" in nvme_problems(config, aio=lambda: False)[0]
-    missing, _ = resolve_ds_config(None, "3_nvme", str(tmp_path / "nope"), [])
+    ds = resolve(None, "3_nvme", str(tmp_path))
+    assert nvme_problems(ds, aio=lambda: True) == []
+    assert "libaio" in nvme_problems(ds, aio=lambda: False)[0]
+    missing = resolve(None, "3_nvme", str(tmp_path / "nope"))
     assert "mkdir -p" in nvme_problems(missing, aio=lambda: True)[0]
-    assert nvme_problems(resolve_ds_config(None, "3_offload", None, [])[0], aio=lambda: False) == []
+    assert nvme_problems(resolve(None, "3_offload", None), aio=lambda: False) == []
 
 
 def test_zero_stage_replaces_a_recipes_deepspeed():
@@ -196,10 +218,3 @@ def test_deepspeed_builder_accepts_the_fixed_list(monkeypatch):
     fix_cuda_arch_list()
     Probe().compute_capability_args()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0+PTX"
-
-
-def test_peak_tflops_by_name():
-    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("Some Unknown GPU") is None

@@ -6,9 +6,13 @@ import json
 
 import pytest
 
-from recipe.config import ConfigError
+from recipe.errors import ConfigError
 from recipe.data import build_datasets, detect_format, prepare, to_sft_row
 from recipe.config import ScriptArguments
+
+from recipe.hardware import prepare_process  # noqa: E402
+
+prepare_process()  # what train_ds.py does before parsing: a world of one process
 
 CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                      {"role": "assistant", "content": "hello"}]}

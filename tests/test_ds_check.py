@@ -12,6 +12,10 @@ import pytest
 from recipe import REPO_ROOT
 from recipe.ds_check import CONSTANT_MODULES, check_ds_config, cpu_adam_available, unknown_key_problems
 
+from recipe.hardware import prepare_process  # noqa: E402
+
+prepare_process()  # what train_ds.py does before parsing: a world of one process
+
 DS_DIR = REPO_ROOT / "ds_configs"
 DELETE = object()
 # TrainingArguments as the default recipe (configs/default.yaml) resolves them: 2 CPU processes.
@@ -269,7 +273,8 @@ def test_autotuning_templates_shipped_with_deepspeed_are_accepted():
 
 def test_a_typo_in_the_users_file_stops_the_run_before_any_weights_load(tmp_path):
     """Through the real parser: the user's file with a typo and an impossible combination, both reported."""
-    from recipe.config import ConfigError, parse_args
+    from recipe.config import parse_args
+    from recipe.errors import ConfigError
 
     config = json.loads((DS_DIR / "stage2.json").read_text())
     config["gradient_clipp1ng"] = 1.0

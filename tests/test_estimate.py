@@ -11,6 +11,10 @@ import torch
 from recipe import estimate as E
 from conftest import FAST, ROOT, check_ok, launch, load_script, only_run_dir
 
+from recipe.hardware import prepare_process  # noqa: E402
+
+prepare_process()  # what train_ds.py does before parsing: a world of one process
+
 MODELS = ROOT / "configs" / "models"
 
 
@@ -195,9 +199,10 @@ def test_zero_stage_auto_applies_the_recommendation(monkeypatch, capsys):
     """On made-up GPUs (one of 24 GiB) the 1B shape does not fit stage 2 at batch 16: auto picks, lowers the
     micro-batch, keeps the global batch, and says why."""
     from recipe import config as C
+    from recipe.ds_config import DsConfig
 
     monkeypatch.setattr(E, "run_hardware", lambda: E.Hardware(1, 24, 1, 512, "made-up GPU"))
-    monkeypatch.setattr(C, "runnable_here", lambda config: True)
+    monkeypatch.setattr(DsConfig, "runnable_here", lambda self: True)
     argv = ["--model_name_or_path", str(MODELS / "llama-3.2-1b"), "--zero_stage", "auto", "--max_length", "2048",
             "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2", "--report_to", "none"]
     _, args, _ = C.parse_args(argv)
