@@ -329,7 +329,7 @@ class CheckpointCompleteCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # every rank's shards are on disk
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and path.is_dir():

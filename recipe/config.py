@@ -245,6 +245,10 @@ class TrainConfig(SFTConfig):
         problems += loss_option_problems(self)
         if problems:
             raise ConfigError(problems)
+        if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
+            # transformers 5 renamed it activation_checkpointing and warns on the old name; ours keeps the name every
+            # guide uses, so hand it over under the new one (transformers mirrors it back)
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         super().__post_init__()
 
 

@@ -56,14 +56,15 @@ def prepare_process(environ=os.environ) -> None:
                     "(9.0 builds the same sm_90 code).", old, fixed)
     import torch
 
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in environ:
+    cuda = torch.cuda.is_available()
+    if not cuda and "OMP_NUM_THREADS" not in environ:
         # share the cores between the local ranks instead of oversubscribing them
         threads = max(1, (os.cpu_count() or 1) // local_world_size(environ))
         environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     from recipe.noise import quiet_libraries
 
-    quiet_libraries()
+    quiet_libraries(cuda, environ)
 
 
 def world_size(environ=os.environ) -> int:

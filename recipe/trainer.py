@@ -48,6 +48,17 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
             begin_load(plan, self.args, self.accelerator.state.deepspeed_plugin)
         return super().train(str(plan.checkpoint) if plan is not None else None, *args, **kwargs)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # transformers hands accelerate one accumulation step (the Trainer accumulates itself) but writes the real
+        # count into the DeepSpeed config, so accelerate's prepare() warns "Gradient accumulation steps mismatch ...
+        # Using DeepSpeed's value" on every run that accumulates, and takes it. Take it here: same state, no warning
+        # (the Trainer never calls accelerator.accumulate(), the only reader).
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        steps = plugin.get_value("gradient_accumulation_steps") if plugin is not None else None
+        if isinstance(steps, int):
+            self.accelerator.gradient_accumulation_steps = steps
+
     def _save_checkpoint(self, model, trial):
         try:
             return super()._save_checkpoint(model, trial)
@@ -85,6 +96,7 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
         # (recipe.speed patched the forward) or TRL's chunked head. Trainer.compute_loss passes
         # num_items_in_batch, so gradient accumulation averages over all tokens, with no host sync.
         inputs["use_cache"] = False
+        inputs["return_dict"] = True  # Liger's forward otherwise reads config.use_return_dict, deprecated (a warning)
         if self.args.speed.get("fused_loss") == "trl":
             inputs["fused_lm_head"] = True
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
