@@ -49,11 +49,12 @@ def main(script_args, training_args, model_args) -> dict:
         from recipe.preflight import dry_run
 
         return dry_run(training_args, model_args, run.dir, run.is_main)
-    train_ds, eval_ds, fmt = build_data(script_args, training_args)
-    tokenizer, model = build_model(script_args, training_args, model_args, run)
-    trainer, heldout = build_trainer(script_args, training_args, model_args, run, model, tokenizer, train_ds, eval_ds)
+    tokenizer = build_tokenizer(script_args, training_args, model_args)
+    data = build_data(script_args, training_args, tokenizer)
+    model = build_model(script_args, training_args, model_args, run, tokenizer)
+    trainer, heldout = build_trainer(script_args, training_args, model_args, run, model, tokenizer, data)
     train_metrics, train_loss_mean = train_or_raise(trainer, training_args, model_args)
-    return finish(script_args, training_args, model_args, run, trainer, tokenizer, heldout, fmt,
+    return finish(script_args, training_args, model_args, run, trainer, tokenizer, heldout, data,
                   train_metrics, train_loss_mean)
 
 
@@ -62,7 +63,7 @@ def main(script_args, training_args, model_args) -> dict:
 
 def run_name_for(script_args, training_args, model_args) -> str:
     model = Path(model_args.model_name_or_path).name if model_args.model_name_or_path else "tiny-llama"
-    data = Path(script_args.dataset_name).stem
+    data = "mix" if script_args.dataset_mixture else Path(script_args.dataset_name).stem
     ds = training_args.ds.stem if training_args.ds else ("eval" if training_args.eval_only else "custom-ds")
     method = "_qlora" if model_args.load_in_4bit else "_lora" if model_args.use_peft else ""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{data}_{ds}{method}")
@@ -98,30 +99,37 @@ def prepare_run(script_args, training_args, model_args) -> Run:
     return Run(run_dir, is_main, trains, resume)
 
 
-# ── data ──────────────────────────────────────────────────────────────────────
+# ── tokenizer and data ────────────────────────────────────────────────────────
 
 
-def build_data(script_args, training_args):
+def build_tokenizer(script_args, training_args, model_args):
+    from recipe import modeling
+
+    return modeling.load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                                   model_args.model_revision, training_args.trust_remote_code)
+
+
+def build_data(script_args, training_args, tokenizer):
     from recipe import data
 
-    with training_args.main_process_first(desc="load and format the dataset"):
-        train_ds, eval_ds, fmt = data.build_datasets(script_args, training_args.seed)
-    logger.info("data: %d train rows, %s eval rows, format %s", len(train_ds),
-                len(eval_ds) if eval_ds is not None else 0, fmt)
-    if eval_ds is None and training_args.eval_strategy != "no":
+    # rank 0 tokenises first; the others (and reruns) read datasets' cache
+    with training_args.main_process_first(desc="load, tokenise and mask the dataset"):
+        built = data.build_datasets(script_args, training_args.seed, tokenizer)
+    logger.info("data: %d train rows (%s), %s eval rows, format %s", len(built.train),
+                ", ".join(f"{k}: {v}" for k, v in built.rows_per_source.items()),
+                len(built.eval) if built.eval is not None else 0, built.fmt)
+    if built.eval is None and training_args.eval_strategy != "no":
         logger.warning("no eval set (no --eval_dataset_name, no test split, eval_split_ratio 0): evaluation off.")
         training_args.eval_strategy = "no"
-    return train_ds, eval_ds, fmt
+    return built
 
 
-# ── tokenizer and model (after TrainingArguments: under ZeRO-3 the weights are partitioned as they load) ──────
+# ── model (after TrainingArguments: under ZeRO-3 the weights are partitioned as they load) ────────────────────
 
 
-def build_model(script_args, training_args, model_args, run: Run):
+def build_model(script_args, training_args, model_args, run: Run, tokenizer):
     from recipe import metrics, modeling, speed
 
-    tokenizer = modeling.load_tokenizer(script_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                                        model_args.model_revision, training_args.trust_remote_code)
     model = modeling.load_model(model_args, training_args, tokenizer, random_init=script_args.random_init)
     speed.apply_speed(model, training_args.speed)
     if model_args.use_peft:
@@ -134,13 +142,13 @@ def build_model(script_args, training_args, model_args, run: Run):
     logger.info("model: %s, %.2fM parameters, ZeRO stage %s; speed options: %s",
                 model_args.model_name_or_path or modeling.TINY_NAME, metrics.count_params(model) / 1e6,
                 training_args.ds.stage if training_args.ds else None, training_args.speed)
-    return tokenizer, model
+    return model
 
 
 # ── trainer ───────────────────────────────────────────────────────────────────
 
 
-def build_trainer(script_args, training_args, model_args, run: Run, model, tokenizer, train_ds, eval_ds):
+def build_trainer(script_args, training_args, model_args, run: Run, model, tokenizer, data):
     from trl import get_peft_config
 
     from recipe import metrics, report
@@ -149,37 +157,36 @@ def build_trainer(script_args, training_args, model_args, run: Run, model, token
                                 RunInfoCallback, fault_callbacks)
 
     heldout = None
-    if eval_ds is not None and wants_heldout(script_args):
-        rows = [eval_ds[i] for i in range(min(script_args.heldout_max_samples, len(eval_ds)))]
-        heldout = HeldoutCallback(tokenizer, rows, script_args.heldout_max_new_tokens,
+    if data.heldout_rows and wants_heldout(script_args):
+        heldout = HeldoutCallback(tokenizer, data.heldout_rows, script_args.heldout_max_new_tokens,
                                   synced_gpus=bool(training_args.ds) and training_args.ds.stage == 3
                                   and training_args.world_size > 1)
     run.wandb = report.setup_wandb(training_args, run.dir, run.is_main, resuming=run.resume is not None)
     run_info = RunInfoCallback(run.dir, {"script_args": report.args_dict(script_args, training_args, model_args),
                                          "git_commit": report.git_commit()})
     trainer = RecipeTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer, peft_config=get_peft_config(model_args),
         callbacks=[cb for cb in (run_info, heldout, CheckpointCompleteCallback(run.trains), NonFiniteLossCallback(),
                                  ReleaseShmBuffersCallback()) if cb is not None] + fault_callbacks(),
     )
     trainer.meter = metrics.meter_for(model)
     trainer.resume_plan = run.resume
-    check_prepared(trainer, train_ds, eval_ds, training_args, run.is_main)
+    check_prepared(trainer, data, training_args, run.is_main)
     return trainer, heldout
 
 
-def check_prepared(trainer, train_ds, eval_ds, training_args, is_main: bool) -> None:
-    """What tokenisation and truncation to max_length left of each split (packing keeps every token)."""
+def check_prepared(trainer, data, training_args, is_main: bool) -> None:
+    """What truncation to max_length left of each split (packing keeps every token)."""
     from recipe.data import check_truncation
 
     if training_args.packing:
         return
     errors = []
-    for split, before, after in (("train", train_ds, trainer.train_dataset), ("eval", eval_ds, trainer.eval_dataset)):
-        if before is None:
+    for split, ours, after in (("train", data.train, trainer.train_dataset), ("eval", data.eval, trainer.eval_dataset)):
+        if ours is None:
             continue
-        split_errors, warnings = check_truncation(after, len(before), training_args.max_length, split)
+        split_errors, warnings = check_truncation(after, ours, training_args.max_length, split)
         errors += split_errors
         for warning in warnings if is_main else []:
             logger.warning(warning)
@@ -216,7 +223,7 @@ def train_or_raise(trainer, training_args, model_args) -> tuple[dict, float | No
 # ── save, eval, report ────────────────────────────────────────────────────────
 
 
-def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer, heldout, fmt,
+def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer, heldout, data,
            train_metrics: dict, train_loss_mean) -> dict:
     from recipe import hardware, modeling, report
 
@@ -235,8 +242,10 @@ def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer,
     summary = {
         "run_name": training_args.run_name,
         "model": model_args.model_name_or_path or modeling.TINY_NAME,
-        "dataset": script_args.dataset_name,
-        "dataset_format": fmt,
+        "dataset": script_args.dataset_mixture or script_args.dataset_name,
+        "dataset_format": data.fmt,
+        "rows_per_dataset": data.rows_per_source,
+        "train_on_turns": script_args.train_on_turns,
         "ds_config": training_args.ds_config_path,
         "zero_stage": training_args.ds.stage if training_args.ds else None,
         "world_size": world,

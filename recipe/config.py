@@ -65,8 +65,23 @@ class ScriptArguments:
         default="auto",
         metadata={
             "help": "Row format; 'auto' detects it from the columns.",
-            "choices": ["auto", "messages", "alpaca", "prompt_completion", "text", "tokens"],
+            "choices": ["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokens"],
         },
+    )
+    dataset_columns: str | None = field(
+        default=None,
+        metadata={"help": "Map your column names onto ours: 'question:prompt,answer:completion', 'dialog:messages'."},
+    )
+    dataset_mixture: list[str] | None = field(
+        default=None,
+        metadata={"help": "Several datasets in one run, each PATH_OR_ID, PATH:ROWS (that many rows) or PATH:WEIGHT "
+                  "(that share of its rows; above 1 repeats them); each keeps its own format; deterministic for "
+                  "--seed. Replaces --dataset_name; summary.json records the rows of each."},
+    )
+    train_on_turns: str = field(
+        default="all",
+        metadata={"help": "Chats: train every assistant turn ('all') or only the last ('last').",
+                  "choices": ["all", "last"]},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})

@@ -46,9 +46,9 @@ def args_for(path, **kw):
 ])
 def test_each_format_loads_from_its_file_type(tmp_path, row, kind, fmt):
     path = write(tmp_path / f"d.{kind}", [row] * 50, kind)
-    train, eval_ds, got = build_datasets(args_for(path, eval_split_ratio=0.1), seed=0)
-    assert got == fmt
-    assert len(train) == 45 and len(eval_ds) == 5  # eval carved from train
+    data = build_datasets(args_for(path, eval_split_ratio=0.1), seed=0)
+    assert data.fmt == fmt
+    assert len(data.train) == 45 and len(data.eval) == 5  # eval carved from train
 
 
 def test_row_conversion():
@@ -66,7 +66,7 @@ def test_prompt_is_masked(tmp_path, tiny_tokenizer, row, kind):
     from recipe.trainer import RecipeTrainer
 
     path = write(tmp_path / f"d.{kind}", [row] * 4, kind)
-    train, _, _ = build_datasets(args_for(path, eval_split_ratio=0), seed=0)
+    train = build_datasets(args_for(path, eval_split_ratio=0), seed=0, tokenizer=tiny_tokenizer).train
     script, targs, margs = parse_args(["--report_to", "none", "--eval_strategy", "no", "--output_dir", str(tmp_path / "out")])
     trainer = RecipeTrainer(model=load_model(margs, targs, tiny_tokenizer), args=targs, train_dataset=train,
                             processing_class=tiny_tokenizer)
@@ -138,7 +138,7 @@ def test_pretokenised_rows_pass_through_sft_untouched(tmp_path, tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = write(tmp_path / "t.parquet", [TOKENS] * 8, "parquet")
-    train, _, fmt = build_datasets(args_for(path, eval_split_ratio=0), seed=0)
+    train = build_datasets(args_for(path, eval_split_ratio=0), seed=0, tokenizer=tiny_tokenizer).train
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True),
