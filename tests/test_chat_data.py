@@ -171,3 +171,43 @@ def test_only_rows_really_cut_count_as_truncated(tiny_tokenizer):
     errors, warnings = check_truncation(prepared, ours, 8, "train")
     assert errors == [] and warnings == ["2 of 5 train examples are longer than --max_length 8 and are truncated "
                                          "(raise it if their endings matter)."]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_documents_do_not_see_each_other(tiny_tokenizer, attn):
+    """TRL's packing (padding-free, position_ids restarting per document): each document's per-token loss in the
+    packed row equals its loss alone (fp32), for the attention implementations the recipe uses. Transformers builds
+    a block-diagonal causal mask from the position_ids for eager and SDPA (a materialised seq x seq mask for SDPA:
+    flash-attention's varlen kernels on GPU need none)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
+    model = LlamaForCausalLM(config).float().eval()
+    docs = [encode(to_example({"messages": chat}, "messages"), tiny_tokenizer) for chat in (CHAT[1:3], CHAT[1:5], CHAT)]
+    examples = [{"input_ids": d["input_ids"], "labels": [t if m else -100 for t, m in zip(d["input_ids"],
+                                                                                       d["assistant_masks"])]}
+                for d in docs]
+    collate = DataCollatorForLanguageModeling(pad_token_id=tiny_tokenizer.pad_token_id, padding_free=True,
+                                              return_position_ids=True)
+
+    def per_token_loss(batch):
+        with torch.no_grad():
+            # use_cache=False as RecipeTrainer.compute_loss passes: transformers looks for packed documents in the
+            # position_ids only without a cache (and without an attention mask)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        shift = torch.nn.functional.cross_entropy(logits[0, :-1].float(), batch["labels"][0, 1:], reduction="none",
+                                                  ignore_index=-100)
+        return shift
+
+    packed = collate(examples)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1 and packed["position_ids"][0].tolist().count(0) == 3
+    packed_loss, start = per_token_loss(packed), 0
+    for example in examples:
+        alone = per_token_loss(collate([example]))
+        n = len(example["input_ids"])
+        torch.testing.assert_close(packed_loss[start:start + n - 1], alone, rtol=1e-5, atol=1e-6)
+        start += n
