@@ -70,7 +70,7 @@ def run_name_for(script_args, training_args, model_args) -> str:
 
 
 def prepare_run(script_args, training_args, model_args) -> Run:
-    from recipe import checkpoints, hardware, report
+    from recipe import checkpoints, hardware, preflight, report
 
     logging.getLogger().setLevel(training_args.get_process_log_level())  # transformers' per-rank levels
     is_main = training_args.process_index == 0
@@ -96,6 +96,7 @@ def prepare_run(script_args, training_args, model_args) -> Run:
     trains = checkpoints.what_trains(model_args)
     resume = None if training_args.eval_only or training_args.dry_run else checkpoints.prepare_resume(
         training_args.resume_from_checkpoint, training_args.output_dir, trains, world, training_args.ds, is_main)
+    preflight.before_weights(training_args, model_args)  # "auto" the model settles, NVMe buffers, host RAM (exit 2)
     return Run(run_dir, is_main, trains, resume)
 
 
@@ -114,7 +115,7 @@ def build_data(script_args, training_args, tokenizer):
 
     # rank 0 tokenises first; the others (and reruns) read datasets' cache
     with training_args.main_process_first(desc="load, tokenise and mask the dataset"):
-        built = data.build_datasets(script_args, training_args.seed, tokenizer)
+        built = data.build_datasets(script_args, training_args.seed, tokenizer, training_args.dataset_num_proc)
     logger.info("data: %d train rows (%s), %s eval rows, format %s", len(built.train),
                 ", ".join(f"{k}: {v}" for k, v in built.rows_per_source.items()),
                 len(built.eval) if built.eval is not None else 0, built.fmt)

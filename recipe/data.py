@@ -274,21 +274,43 @@ def assistant_spans(tokenizer, chat: list[dict], trained: list[bool], where: str
 
 def encode(example: dict, tokenizer) -> dict:
     """A canonical example -> input_ids and assistant_masks (1: the token carries loss)."""
-    if "input_ids" in example:
-        return {"input_ids": example["input_ids"], "assistant_masks": [1] * len(example["input_ids"])}
+    return encode_batch([example], tokenizer)[0]
+
+
+def encode_batch(examples: list[dict], tokenizer) -> list[dict]:
+    """encode for many examples: the chats' rendered texts go through the (Rust) tokenizer in one batched call."""
+    out: list[dict | None] = [None] * len(examples)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if "text" in example:
-        ids = tokenizer(example["text"])["input_ids"]
-        ids += [] if ids[-1:] == eos else eos
-        return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
-    if "prompt" in example:
-        prompt = tokenizer(example["prompt"])["input_ids"]
-        completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
-        return {"input_ids": prompt + completion, "assistant_masks": [0] * len(prompt) + [1] * len(completion)}
-    full, spans = assistant_spans(tokenizer, example["chat"], example["trained"], example.get("where", "row"))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(s <= start < e for s, e in spans)) for start, _ in enc["offset_mapping"]]
-    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
+    chats = []
+    for i, example in enumerate(examples):
+        if "input_ids" in example:
+            out[i] = {"input_ids": example["input_ids"], "assistant_masks": [1] * len(example["input_ids"])}
+        elif "text" in example:
+            ids = tokenizer(example["text"])["input_ids"]
+            ids += [] if ids[-1:] == eos else eos
+            out[i] = {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+        elif "prompt" in example:
+            prompt = tokenizer(example["prompt"])["input_ids"]
+            completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + eos
+            out[i] = {"input_ids": prompt + completion, "assistant_masks": [0] * len(prompt) + [1] * len(completion)}
+        else:
+            chats.append((i, *assistant_spans(tokenizer, example["chat"], example["trained"],
+                                              example.get("where", "row"))))
+    if chats:
+        enc = tokenizer([full for _, full, _ in chats], add_special_tokens=False, return_offsets_mapping=True)
+        for (i, _, spans), ids, offsets in zip(chats, enc["input_ids"], enc["offset_mapping"]):
+            out[i] = {"input_ids": ids, "assistant_masks": span_mask(offsets, spans)}
+    return out
+
+
+def span_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token that starts inside one of the (sorted, disjoint) character spans."""
+    mask, k = [], 0
+    for start, _ in offsets:
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        mask.append(int(k < len(spans) and spans[k][0] <= start))
+    return mask
 
 
 def mask_view(tokenizer, input_ids: list[int], mask: list[int]) -> str:
@@ -306,8 +328,9 @@ def mask_view(tokenizer, input_ids: list[int], mask: list[int]) -> str:
     return "".join(out)
 
 
-def prepare(dataset, fmt: str, source: str, tokenizer=None, train_on_turns: str = "all"):
-    """Convert (and, given a tokenizer, tokenise and mask) every row; the first bad row stops with its index."""
+def prepare(dataset, fmt: str, source: str, tokenizer=None, train_on_turns: str = "all", num_proc: int | None = None):
+    """Convert (and, given a tokenizer, tokenise and mask) every row; the first bad row stops with its index.
+    Batched, and on num_proc processes when given (--dataset_num_proc)."""
     if len(dataset) == 0:
         raise ConfigError([f"{source} has no rows. Point --dataset_name at a file with data."])
     if fmt == "auto":
@@ -316,18 +339,22 @@ def prepare(dataset, fmt: str, source: str, tokenizer=None, train_on_turns: str 
         raise ConfigError([f"--dataset_format {fmt} needs columns {FORMAT_COLUMNS[fmt]}, but {source} has "
                            f"{dataset.column_names}: map yours with --dataset_columns (e.g. dialog:messages)."])
 
-    def convert(row, idx):
-        where = f"{source} row {idx + 1}"
-        try:
-            example = to_example(row, fmt, where, train_on_turns)
-        except ValueError as e:
-            raise ConfigError([str(e)]) from None
-        if tokenizer is None:
-            return to_sft_row(row, fmt, where)
-        return encode({**example, "where": where}, tokenizer)
+    def convert(batch, indices):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        examples = []
+        for row, idx in zip(rows, indices):
+            where = f"{source} row {idx + 1}"
+            try:
+                examples.append({**to_example(row, fmt, where, train_on_turns), "where": where} if tokenizer
+                                else to_sft_row(row, fmt, where))
+            except ValueError as e:
+                raise ConfigError([str(e)]) from None
+        done = encode_batch(examples, tokenizer) if tokenizer is not None else examples
+        return {key: [d[key] for d in done] for key in done[0]}
 
     what = "Tokenizing and masking" if tokenizer is not None else "Formatting"
-    converted = dataset.map(convert, with_indices=True, remove_columns=dataset.column_names,
+    converted = dataset.map(convert, with_indices=True, batched=True, batch_size=256,
+                            remove_columns=dataset.column_names, num_proc=num_proc if num_proc and num_proc > 1 else None,
                             desc=f"{what} {fmt} rows of {Path(source).name}")
     return converted, fmt
 
@@ -382,7 +409,7 @@ def sample(dataset, source: Source, seed: int):
     return dataset.select(picked)
 
 
-def build_datasets(args, seed: int, tokenizer=None) -> Data:
+def build_datasets(args, seed: int, tokenizer=None, num_proc: int | None = None) -> Data:
     """The train and eval sets from ScriptArguments (--dataset_name, or --dataset_mixture), tokenised and masked."""
     from datasets import concatenate_datasets
 
@@ -405,12 +432,12 @@ def build_datasets(args, seed: int, tokenizer=None) -> Data:
         if eval_ds is not None and args.max_eval_samples:
             eval_ds = eval_ds.select(range(min(args.max_eval_samples, len(eval_ds))))
         fmt = args.dataset_format if len(sources) == 1 else "auto"
-        train, fmt = prepare(train, fmt, source.name, tokenizer, turns)
+        train, fmt = prepare(train, fmt, source.name, tokenizer, turns, num_proc)
         trains.append(train)
         fmts.append(fmt)
         counts[source.name] = len(train)
         if eval_ds is not None:
-            evals.append(prepare(eval_ds, fmt, f"{source.name} (eval)", tokenizer, turns)[0])
+            evals.append(prepare(eval_ds, fmt, f"{source.name} (eval)", tokenizer, turns, num_proc)[0])
             if not heldout:  # rows checked by prepare above
                 heldout = [to_sft_row(eval_ds[i], fmt) for i in range(min(args.heldout_max_samples, len(eval_ds)))]
     train = trains[0] if len(trains) == 1 else concatenate_datasets(trains).shuffle(seed=seed)
