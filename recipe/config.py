@@ -401,6 +401,10 @@ class ModelArguments(ModelConfig):
     bnb_4bit_quant_storage: str | None = field(
         default=None, metadata={"help": "QLoRA: dtype the 4-bit weights are stored in. Default: the compute dtype "
                                 "(bf16 on GPUs that have it), which ZeRO-3 needs to partition them."})
+    rope_scaling: str | None = field(
+        default=None, metadata={"help": "TYPE:FACTOR (yarn:4, linear:2, dynamic:2): stretch RoPE to FACTOR x the "
+                                "model's max_position_embeddings, for --max_length beyond it. Replaces the model's "
+                                "own RoPE scaling; recorded in summary.json."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -494,10 +498,45 @@ class RecipeParser(TrlParser):
             problems += e.problems
         finally:
             EXPLICIT.reset(token)
+        if ModelArguments in built and TrainConfig in built:
+            problems += position_problems(built[TrainConfig], built[ModelArguments])
         if problems:
             raise ConfigError(problems)
         out = tuple(built[d] for d in self.dataclass_types)
         return (*out, remaining) if return_remaining_strings else out
+
+
+def position_problems(training_args, model_args) -> list[str]:
+    """A --max_length beyond the positions the model was trained for needs --rope_scaling (read from config.json,
+    no weights)."""
+    from recipe.modeling import model_config, rope_spec
+
+    problems = []
+    try:
+        spec = rope_spec(model_args.rope_scaling)
+    except ValueError as e:
+        return [str(e)]
+    if not training_args.max_length:
+        return problems
+    try:
+        config = model_config(model_args.model_name_or_path, model_args.model_revision,
+                              training_args.trust_remote_code)
+    except OSError:
+        return problems  # not readable here (an offline hub id): loading the model names that
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return problems
+    name = model_args.model_name_or_path or "the tiny default"
+    if spec is None and training_args.max_length > limit:
+        factor = -(-training_args.max_length // limit)
+        problems.append(f"--max_length {training_args.max_length} is beyond {name}'s max_position_embeddings {limit}: "
+                        f"positions past it were never trained. Pass --rope_scaling yarn:{factor} (or linear:{factor}) "
+                        f"to stretch RoPE {factor}x, or lower --max_length to {limit}.")
+    elif spec is not None and training_args.max_length > limit * spec[1]:
+        problems.append(f"--max_length {training_args.max_length} is beyond {limit} x {spec[1]:g} = "
+                        f"{int(limit * spec[1])} positions even with --rope_scaling {model_args.rope_scaling}: raise "
+                        "the factor, or lower --max_length.")
+    return problems
 
 
 def inputs_for(dtype, values: dict) -> dict:

@@ -119,6 +119,7 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
 
         set_seed(training_args.seed)
         config = tiny_config(len(tokenizer))
+        apply_rope_scaling(config, getattr(model_args, "rope_scaling", None))
         config._attn_implementation = model_args.attn_implementation or "sdpa"
         model = LlamaForCausalLM(config)
         if not is_deepspeed_zero3_enabled():
@@ -138,9 +139,16 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
             import os
 
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    kwargs["rope_scaling"] = getattr(model_args, "rope_scaling", None)
     if random_init:
         return random_model(model_args.model_name_or_path, kwargs, training_args.seed)
+    rope = kwargs.pop("rope_scaling")
     try:
+        if rope:
+            config = read_config(model_args.model_name_or_path, model_args.model_revision,
+                                 training_args.trust_remote_code)
+            apply_rope_scaling(config, rope)
+            kwargs["config"] = config
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError([model_error(model_args.model_name_or_path, e)]) from None
@@ -203,6 +211,48 @@ def save_base(model, tokenizer, path: Path, is_main: bool) -> None:
     model.name_or_path = model.config._name_or_path = str(path.resolve())  # found from any working directory
 
 
+ROPE_TYPES = ("yarn", "linear", "dynamic")  # transformers' RoPE types that stretch a context by a factor
+
+
+def rope_spec(value: str | None) -> tuple[str, float] | None:
+    """--rope_scaling TYPE:FACTOR -> (type, factor); ValueError with the fix when malformed."""
+    if not value:
+        return None
+    rtype, _, factor = value.partition(":")
+    try:
+        number = float(factor)
+    except ValueError:
+        number = 0.0
+    if rtype not in ROPE_TYPES or number <= 1:
+        raise ValueError(f"--rope_scaling {value}: write TYPE:FACTOR with TYPE one of {', '.join(ROPE_TYPES)} and "
+                         "FACTOR > 1 (e.g. yarn:4).")
+    return rtype, number
+
+
+def apply_rope_scaling(config, value: str | None) -> dict | None:
+    """Stretch the config's RoPE by --rope_scaling (in place): transformers' rope_parameters and the positions."""
+    spec = rope_spec(value)
+    if spec is None:
+        return None
+    rtype, factor = spec
+    old = dict(getattr(config, "rope_parameters", None) or {})
+    base = config.max_position_embeddings
+    new = {"rope_type": rtype, "factor": factor,
+           "rope_theta": old.get("rope_theta", getattr(config, "rope_theta", 10000.0))}
+    if rtype == "yarn":
+        new["original_max_position_embeddings"] = base
+    config.rope_parameters = new
+    config.max_position_embeddings = int(base * factor)
+    return new
+
+
+def model_config(name: str | None, revision: str = "main", trust_remote_code: bool = False):
+    """The model's config without weights: the tiny default's, or read_config's."""
+    if name is None:
+        return tiny_config(len(build_tiny_tokenizer()))
+    return read_config(name, revision, trust_remote_code)
+
+
 def read_config(name: str, revision: str = "main", trust_remote_code: bool = False):
     """A model's config from a hub id, a local model folder, or a config.json path."""
     from transformers import AutoConfig
@@ -224,6 +274,7 @@ def random_model(name: str, kwargs: dict, seed: int):
         raise ConfigError([f"--random_init: cannot read a model config from {name} ({str(e).splitlines()[0]}). "
                            "Point --model_name_or_path at a folder with config.json."]) from None
     config._attn_implementation = kwargs["attn_implementation"]
+    apply_rope_scaling(config, kwargs.pop("rope_scaling", None))
     if kwargs.get("quantization_config") is not None:
         return random_quantized_model(name, config, kwargs, seed)
     set_seed(seed)
