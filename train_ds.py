@@ -10,7 +10,7 @@ built from recipe/tiny_llama.json learns to reverse words from data/; no network
     scripts/train.sh --zero_stage 3 --config configs/llama-3.2-3b.yaml   # all local GPUs
 
 DeepSpeed: --deepspeed ds_configs/<name>.json (default stage2.json) or --zero_stage 0|1|2|3|2_offload|
-3_offload|3_nvme. Precision: bf16 where the GPU has it, else fp16; fp32 on CPU; --bf16/--fp16 override.
+3_offload|3_partial_offload|3_nvme. Precision: bf16 where the GPU has it, else fp16; fp32 on CPU; --bf16/--fp16 override.
 Everything lands in results/<run_name>/: args.json, ds_config.json, summary.json, loss.png, model/,
 checkpoints/ and wandb/. Rerunning the same command resumes from the newest complete checkpoint (and the
 same W&B run); --resume_from_checkpoint false starts over, a checkpoint path resumes from it.

@@ -122,7 +122,7 @@ class TrainConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Shorthand for --deepspeed ds_configs/stage<N>.json (and replacing it): 0, 1, 2, 3, "
-            "2_offload, 3_offload, 3_nvme; 'auto': the fastest that fits this model on these GPUs (memory "
+            "2_offload, 3_offload, 3_partial_offload, 3_nvme; 'auto': the fastest that fits this model on these GPUs (memory "
             "estimate), lowering the micro-batch or turning on gradient checkpointing if it must, and saying why."
         },
     )
@@ -160,6 +160,12 @@ class TrainConfig(SFTConfig):
         default=False,
         metadata={"help": "Evaluate --model_name_or_path (a saved run's model/ folder, say) on the eval set: eval "
                   "loss, perplexity and, for the default task, the held-out score. No training, no DeepSpeed."},
+    )
+    check_host_memory: bool = field(
+        default=True,
+        metadata={"help": "Before any weights load, stop (exit 2) when the memory estimate's host RAM per node is "
+                  "above 90% of what this node can give (MemAvailable, or the cgroup limit when tighter), with what "
+                  "fits instead. false: warn and start anyway."},
     )
     dry_run: bool = field(
         default=False,

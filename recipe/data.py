@@ -141,11 +141,14 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     return pairs
 
 
-def map_columns(dataset, columns: dict[str, str], source: str):
-    """Rename the user's columns onto ours; a mapping from a column that is absent names the columns present."""
+def map_columns(dataset, columns: dict[str, str], source: str, strict: bool = True):
+    """Rename the user's columns onto ours; a mapping from a column that is absent names the columns present. In a
+    mixture (strict False) a source with none of the mapped columns is left as it is."""
     if not columns:
         return dataset
     missing = [c for c in columns if c not in dataset.column_names]
+    if not strict and len(missing) == len(columns):
+        return dataset
     if missing:
         raise ConfigError([f"--dataset_columns maps {', '.join(missing)}, which {source} does not have; its columns "
                            f"are: {', '.join(dataset.column_names)}."])
@@ -424,8 +427,8 @@ def build_datasets(args, seed: int, tokenizer=None, num_proc: int | None = None)
     trains, evals, fmts, counts, heldout = [], [], [], {}, []
     for source in sources:
         train, eval_ds = load_with_eval(args, source.name, explicit_eval=len(sources) == 1, seed=seed)
-        train = map_columns(train, columns, source.name)
-        eval_ds = map_columns(eval_ds, columns, source.name) if eval_ds is not None else None
+        train = map_columns(train, columns, source.name, strict=len(sources) == 1)
+        eval_ds = map_columns(eval_ds, columns, source.name, strict=len(sources) == 1) if eval_ds is not None else None
         train = sample(train, source, seed)
         if args.max_train_samples:
             train = train.select(range(min(args.max_train_samples, len(train))))

@@ -88,6 +88,9 @@ HF_FILLS = {
     "zero_optimization.stage3_param_persistence_threshold": 1,
     # recipe/config.py resolve_ds_config: --nvme_path or $DS_NVME_PATH
     "zero_optimization.offload_optimizer.nvme_path": "/nvme", "zero_optimization.offload_param.nvme_path": "/nvme",
+    # recipe/ds_config.py fill_model_autos, before weights load (recipe/preflight.py): the NVMe swap buffer from the
+    # model's largest parameter, the partial-offload share from the memory estimate
+    "zero_optimization.offload_param.buffer_size": 100_000_000, "zero_optimization.offload_optimizer.ratio": 0.5,
 }
 # "auto" that only accelerate's DeepSpeedPlugin fills, from its own environment defaults.
 ACCELERATE_FILLS = {
@@ -642,3 +645,27 @@ def nvme_problems(ds: DsConfig, aio=aio_available) -> list[str]:
                         "(apt install libaio-dev, or conda install -c conda-forge libaio) and rerun, or use "
                         "--zero_stage 3_offload (CPU memory instead of NVMe).")
     return problems
+
+
+def nvme_buffer_problems(config: dict, name: str, largest_param: int, world_size: int,
+                         largest_name: str = "the model's largest parameter") -> list[str]:
+    """NVMe parameter offload keeps each parameter's partition in one swap buffer of offload_param.buffer_size
+    elements, and DeepSpeed asserts at the first forward ("More elements N than buffer size M") when one is larger:
+    DeepSpeed's default 1e8 is below every Llama-3 embedding (128256 x hidden) on one process. "auto" is filled from
+    the model (recipe.ds_config.fill_model_autos) and passes."""
+    from recipe.ds_config import param_buffer_elements
+
+    ds = DsConfig(config)
+    size = ds.param_buffer_size
+    if size is None or size == AUTO or isinstance(size, bool) or not isinstance(size, int | float):
+        return []  # no NVMe parameter offload, "auto", or a non-number (value_problems names that)
+    partition = -(-int(largest_param) // max(1, int(world_size)))
+    if size >= partition:
+        return []
+    written = "" if "buffer_size" in (_zero(config).get("offload_param") or {}) else " (absent: DeepSpeed's default)"
+    per = f", {partition:,} per process on {world_size} processes" if world_size > 1 else ""
+    return [msg(name, "zero_optimization.offload_param.buffer_size",
+                f"{int(size):,} elements{written} is smaller than {largest_name}: {int(largest_param):,} elements"
+                f"{per}; DeepSpeed stops at the first forward with \"More elements {partition} than buffer size "
+                f"{int(size)}\"", f'set it to "auto" (filled from the model: '
+                f"{param_buffer_elements(largest_param, world_size):,} here), or at least {partition:,}")]

@@ -1,7 +1,8 @@
 """The DeepSpeed config in use: which file, its dict, and the facts the rest of the recipe reads from it.
 
     ds = resolve("ds_configs/stage3.json", zero_stage=None, nvme_path=None)   # or zero_stage="3"
-    ds.stage, ds.offload_optimizer, ds.offload_param, ds.nvme_paths, ds.gathers_16bit
+    ds.stage, ds.offload_optimizer, ds.offload_param, ds.nvme_paths, ds.gathers_16bit, ds.partial_offload
+    fill_model_autos(config, largest_param=..., world_size=..., offload_ratio=...)   # the "auto" the model settles
 
 One reader for each fact (ds_check, the estimator, resume, the speed choices and the summary all ask a DsConfig),
 so `"stage": "auto"` means the same everywhere: what accelerate's DeepSpeedPlugin fills it with
@@ -25,6 +26,8 @@ DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "stage2.json"
 TESTED_DEEPSPEED = "0.19.8"
 OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
+DS_PARAM_BUFFER_DEFAULT = 100_000_000  # offload_param.buffer_size when absent (offload_config.py, 0.19.8)
+BUFFER_ALIGN = 2**20  # elements: a filled buffer_size is rounded up to this (2 MiB in bf16)
 
 
 def ds_attr(module: str, name: str | None = None):
@@ -94,6 +97,32 @@ class DsConfig:
     @property
     def offloads(self) -> set[str]:
         return {d for d in (self.offload("offload_optimizer"), self.offload("offload_param")) if d}
+
+    def offload_value(self, key: str, field: str):
+        """A field of offload_optimizer / offload_param as written (None when the section or field is absent)."""
+        section = self.zero.get(key)
+        return section.get(field) if isinstance(section, dict) else None
+
+    @property
+    def offload_ratio(self):
+        """offload_optimizer.ratio (DeepSpeed's partial offload, stage 3): the share of the optimizer states on the
+        CPU, as written (a number, "auto" for the recipe to choose), or None when absent (DeepSpeed's 1.0: all)."""
+        return self.offload_value("offload_optimizer", "ratio") if self.offload_optimizer else None
+
+    @property
+    def partial_offload(self) -> bool:
+        """Stage 3 with part of the optimizer states on the GPU (offload_optimizer.ratio "auto" or below 1)."""
+        ratio = self.offload_ratio
+        return self.stage == 3 and (ratio == "auto" or (isinstance(ratio, int | float) and ratio < 1))
+
+    @property
+    def param_buffer_size(self):
+        """offload_param.buffer_size under NVMe parameter offload (elements per swap buffer): as written, "auto"
+        (filled from the model), DeepSpeed's default 1e8 when absent, None without NVMe parameter offload."""
+        if self.offload_param != "nvme":
+            return None
+        value = self.offload_value("offload_param", "buffer_size")
+        return DS_PARAM_BUFFER_DEFAULT if value is None else value
 
     @property
     def nvme_paths(self) -> list[str]:
@@ -197,6 +226,42 @@ def fill_nvme_paths(config: dict, nvme: str | None, name: str) -> None:
                 raise ConfigError([f"{name} offloads to NVMe but no path is set: pass --nvme_path /local_nvme "
                                    "or export DS_NVME_PATH=/local_nvme (a directory on a fast local NVMe disk)."])
             section["nvme_path"] = nvme
+
+
+def param_buffer_elements(largest_param: int, world_size: int) -> int:
+    """offload_param.buffer_size for NVMe parameter offload: each swap buffer holds one parameter's partition, and
+    DeepSpeed asserts `numel <= buffer_size` for every partition (partitioned_param_swapper.get_buffer: "More
+    elements N than buffer size M"). A partition is ceil(numel / processes); this is the largest one, rounded up to
+    BUFFER_ALIGN. Llama-3's 128256-token embedding is 262.7M elements at hidden 2048 (1B), 525.3M at 4096 (8B),
+    1.05B at 8192 (70B), all above DeepSpeed's default of 1e8 on one process."""
+    partition = -(-int(largest_param) // max(1, int(world_size)))
+    return -(-partition // BUFFER_ALIGN) * BUFFER_ALIGN
+
+
+def fill_model_autos(config: dict, *, largest_param: int, world_size: int, offload_ratio: float | None) -> list[str]:
+    """The "auto" values only the model and these GPUs settle, filled in place (HF and accelerate fill none of them,
+    and DeepSpeed's pydantic models silently drop an "auto" they meet, leaving their defaults): NVMe
+    offload_param.buffer_size from the largest parameter, and offload_optimizer.ratio (partial offload) with the
+    share the memory estimate chose. Returns "key=value" for each value filled."""
+    zero = config.get("zero_optimization") if isinstance(config.get("zero_optimization"), dict) else {}
+    filled = []
+    param = zero.get("offload_param")
+    if isinstance(param, dict) and param.get("device") == "nvme" and param.get("buffer_size") == "auto":
+        param["buffer_size"] = param_buffer_elements(largest_param, world_size)
+        filled.append(f"zero_optimization.offload_param.buffer_size={param['buffer_size']}")
+    optimizer = zero.get("offload_optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("ratio") == "auto" and offload_ratio is not None:
+        optimizer["ratio"] = float(offload_ratio)
+        filled.append(f"zero_optimization.offload_optimizer.ratio={optimizer['ratio']:g}")
+    return filled
+
+
+def model_autos(config: dict) -> list[str]:
+    """The dotted keys fill_model_autos would fill in this config."""
+    zero = config.get("zero_optimization") if isinstance(config.get("zero_optimization"), dict) else {}
+    return [f"zero_optimization.{key}.{field}" for key, field in (("offload_param", "buffer_size"),
+                                                                  ("offload_optimizer", "ratio"))
+            if isinstance(zero.get(key), dict) and zero[key].get(field) == "auto"]
 
 
 # ---------------------------------------------------------------- which ops can build here

@@ -9,6 +9,11 @@ count 18 bytes per trained parameter sharded by ZeRO (16-bit gradients 2 + fp32 
 master 4 + Adam moments 8) plus the 16-bit weights. The fp32 gradients exist only during the step.
 Activations are counted tensor by tensor for a Llama decoder layer (what autograd saves), the LM-head
 loss by what the fused loss keeps. Everything is in bytes; tables print GiB.
+
+Host memory per node is the larger of loading the weights and what offload keeps there (DeepSpeed's estimate for
+CPU offload; DeepSpeed's own pinned allocations for NVMe; the CPU share of DeepSpeed's estimate for partial
+offload), plus ~3 GiB per process. What a node can give a run is read_host_memory(): MemAvailable and the cgroup
+limit, never MemTotal.
 """
 
 from __future__ import annotations
@@ -21,12 +26,22 @@ GiB = 2**30
 # the caching allocator needs room (reserved ran 5-28% above allocated in our measurements).
 USABLE_FRACTION, CONTEXT_GIB = 0.90, 1.0
 CPU_PROCESS_GIB = 3.0  # one training process outside the model states (Python, CUDA, libraries; measured ~2-4)
+# A node "fits" below this share of the host memory it can give (MemAvailable / the cgroup's headroom): the offload
+# estimates ran 4-27% above the measured peak RSS (results/memory), and pinned buffers cannot be swapped out.
+HOST_USABLE_FRACTION = 0.90
+# Partial offload (offload_optimizer.ratio): the share of the optimizer states on the CPU is chosen in steps of this.
+# DeepSpeed moves whole sub-groups (sub_group_size elements; the last ones go to the CPU), so finer steps are noise.
+RATIO_STEP = 0.05
 
 # Relative throughput, for ranking only (1B shape, seq 2048, H100/H200, results/memory and results/benchmarks):
 # stages 0-2 within 1% of each other; ZeRO-3 0.94x stage 2 (H100, batch 16); offload 0.39x / 0.26x
 # (H200, batch 8); gradient checkpointing 0.82x (stage 2, batch 8). NVMe: not measured, assumed below CPU offload.
+# Partial offload (stage3_partial_offload, 8B shape, 1 H200, checkpointing, micro-batch 4): ratio 0.4 at accumulation
+# 2 ran 2,247 tokens/s, about stage3_offload's 3,243 at micro-batch 8 once checkpointing and batch are allowed for;
+# ratio 0.2 at accumulation 8 ran 4,754 (the CPU step amortised over 8 micro-batches). Ranked between
+# stage3_offload and stage2_offload until measured beside them at equal accumulation.
 SPEED = {"stage2": 1.0, "stage1": 0.999, "stage0": 0.998, "stage3": 0.94, "stage2_offload": 0.39,
-         "stage3_offload": 0.26, "stage3_nvme": 0.10}
+         "stage3_partial_offload": 0.30, "stage3_offload": 0.26, "stage3_nvme": 0.10}
 GC_SPEED = 0.82
 # Throughput grows with tokens per micro-batch as T / (T + T0): batch 8 -> 16 at seq 2048 gave 1.13x (H100).
 T0_TOKENS = 5000
@@ -49,6 +64,18 @@ class ModelShape:
     def largest_layer_params(self) -> int:
         """The largest single module (DeepSpeed's 'largest layer'): the embedding for Llama shapes."""
         return max(self.vocab * self.hidden, self.hidden * self.intermediate, self.hidden * self.q_dim)
+
+    @property
+    def largest_param(self) -> int:
+        """The largest single parameter (what one NVMe swap buffer must hold): each Llama module has one weight
+        matrix (norms aside), so it is the largest layer, the embedding."""
+        return self.largest_layer_params
+
+    @property
+    def largest_param_name(self) -> str:
+        h, v = self.hidden, self.vocab
+        return (f"the embedding ({v} x {h})" if self.largest_param == v * h
+                else f"the largest weight ({self.largest_param:,} elements)")
 
     def lora_params(self, rank: int) -> int:
         """LoRA A and B on every linear of every layer (q, k, v, o, gate, up, down)."""
@@ -106,18 +133,121 @@ class Hardware:
         return self.gpu_memory_gib * USABLE_FRACTION - CONTEXT_GIB
 
 
-def detect_hardware(gpus_per_node: int | None = None, nodes: int = 1) -> Hardware | None:
-    """This machine's GPUs (count, smallest memory) and CPU memory; None without a CUDA GPU."""
-    import os
-
+def detect_hardware(gpus_per_node: int | None = None, nodes: int = 1, run_processes: int = 0) -> Hardware | None:
+    """This machine's GPUs (count, smallest memory) and the host memory a run can use (read_host_memory: MemAvailable
+    and the cgroup limit, plus what `run_processes` already started processes of the run hold); None without a CUDA
+    GPU."""
     import torch
 
-    cpu = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     if not torch.cuda.is_available():
         return None
+    cpu = read_host_memory().usable(run_processes) / GiB
     count = torch.cuda.device_count()
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / GiB
     return Hardware(gpus_per_node or count, memory, nodes, cpu, torch.cuda.get_device_name(0))
+
+
+# ---------------------------------------------------------------- host memory: what this node can give a run
+
+
+@dataclass
+class HostMemory:
+    """What this node can still give a run, read at start, in bytes. Not MemTotal: a cgroup (a container, a SLURM
+    job) may allow far less, and on some hosts (the H200 machines, 125 GiB) MemTotal starts small and grows."""
+
+    mem_available: float  # /proc/meminfo MemAvailable: free + reclaimable cache, as the kernel estimates it
+    cgroup_limit: float | None = None  # the tightest memory limit among this process's cgroups (None: none)
+    cgroup_free: float | None = None  # that limit less what the cgroup holds beyond its inactive file cache
+    cgroup_file: str = ""  # where the limit was read
+    own_rss: float = 0.0  # this process's resident memory when read
+
+    def usable(self, processes: int = 0) -> float:
+        """Bytes a run can hold at its peak: the tighter of MemAvailable and the cgroup's headroom, plus what
+        `processes` of its own processes (as large as this one) hold already; the estimate counts them from zero."""
+        free = self.mem_available if self.cgroup_free is None else min(self.mem_available, self.cgroup_free)
+        total = free + processes * self.own_rss
+        return total if self.cgroup_limit is None else min(total, self.cgroup_limit)
+
+    def describe(self) -> str:
+        cgroup = (f"cgroup limit {self.cgroup_limit / GiB:.1f} GiB ({self.cgroup_file}), "
+                  f"{self.cgroup_free / GiB:.1f} GiB of it free" if self.cgroup_limit is not None
+                  else "no cgroup memory limit")
+        return f"MemAvailable {self.mem_available / GiB:.1f} GiB; {cgroup}"
+
+
+UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+
+
+def _numbers(path: Path) -> dict[str, int]:
+    """'key value' or 'key: value kB' lines (meminfo, memory.stat, status) as bytes where a unit says kB."""
+    out = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.replace(":", " ").split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1]) * (1024 if parts[2:3] == ["kB"] else 1)
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (v2: no limit) -> None
+
+
+def _cgroup_dirs(proc: Path, cgroup: Path) -> list[tuple[Path, str]]:
+    """(directory, "v1"|"v2") for this process's memory cgroup and its ancestors. A container that mounts its own
+    cgroup at the root (the path in /proc/self/cgroup not under the mount) reads the mount's root."""
+    dirs = []
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return dirs
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, version = cgroup, "v2"
+        elif "memory" in controllers.split(","):
+            base, version = cgroup / "memory", "v1"
+        else:
+            continue
+        here = base / path.lstrip("/")
+        if not here.is_dir():
+            here = base
+        while True:
+            dirs.append((here, version))
+            if here == base or base not in here.parents:
+                break
+            here = here.parent
+    return dirs
+
+
+def read_host_memory(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup")) -> HostMemory:
+    """MemAvailable, the tightest cgroup memory limit (v1 or v2, this process's cgroup and its ancestors) and this
+    process's RSS. Tests point proc and cgroup at made-up trees."""
+    meminfo = _numbers(proc / "meminfo")
+    available = meminfo.get("MemAvailable")
+    if available is None:  # kernels before 3.14
+        available = sum(meminfo.get(k, 0) for k in ("MemFree", "Buffers", "Cached"))
+    rss = _numbers(proc / "self" / "status").get("VmRSS", 0)
+    best = HostMemory(float(available), own_rss=float(rss))
+    for where, version in _cgroup_dirs(proc, cgroup):
+        names = ("memory.max", "memory.current", "inactive_file") if version == "v2" else \
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        limit = _read_int(where / names[0])
+        if limit is None or limit >= UNLIMITED:
+            continue
+        used = _read_int(where / names[1]) or 0
+        inactive = _numbers(where / "memory.stat").get(names[2], 0)
+        free = max(0.0, float(limit - max(0, used - inactive)))
+        if best.cgroup_free is None or free < best.cgroup_free:
+            best.cgroup_limit, best.cgroup_free, best.cgroup_file = float(limit), free, str(where / names[0])
+    return best
 
 
 @dataclass
@@ -140,10 +270,17 @@ class DsFeatures:
     reduce_bucket: float  # elements
     prefetch_bucket: float
     overlap_comm: bool
+    offload_ratio: float | str = 1.0  # share of the optimizer states on the CPU (stage 3); "auto": chosen here
+    sub_group_size: float = 1e9  # elements per ZeRO-3 optimizer sub-group (NVMe swaps one at a time)
+    param_buffer: float | str | None = None  # NVMe offload_param.buffer_size; "auto": filled from the model
+    param_buffers: int = 5  # offload_param.buffer_count
+    optimizer_buffers: int = 4  # offload_optimizer.buffer_count
+    max_in_cpu: float = 1e9  # offload_param.max_in_cpu: 16-bit parameter elements kept in CPU memory under NVMe
 
 
 def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
-    """What the estimate needs from a DeepSpeed config; "auto" buckets as transformers fills them."""
+    """What the estimate needs from a DeepSpeed config; "auto" buckets as transformers fills them; DeepSpeed's
+    defaults (0.19.8) where a key is absent."""
     from recipe.ds_config import DsConfig
 
     ds = DsConfig(config)
@@ -153,10 +290,21 @@ def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
         v = zero.get(key, default)
         return auto if v == "auto" else float(v)
 
+    def offload(key, field, default):
+        v = ds.offload_value(key, field)
+        return default if v is None else v
+
     h2 = shape.hidden * shape.hidden
+    ratio = ds.offload_ratio if stage == 3 and ds.offload_ratio is not None else 1.0
     return DsFeatures(stage, ds.offload_optimizer, ds.offload_param,
                       number("reduce_bucket_size", h2, 5e8), number("stage3_prefetch_bucket_size", 0.9 * h2, 5e7),
-                      bool(zero.get("overlap_comm", stage == 3)))
+                      bool(zero.get("overlap_comm", stage == 3)),
+                      offload_ratio=ratio if ratio == "auto" else float(ratio),
+                      sub_group_size=float(number("sub_group_size", 1e9, 1e9)),
+                      param_buffer=ds.param_buffer_size,
+                      param_buffers=int(offload("offload_param", "buffer_count", 5)),
+                      optimizer_buffers=int(offload("offload_optimizer", "buffer_count", 4)),
+                      max_in_cpu=float(offload("offload_param", "max_in_cpu", 1e9)))
 
 
 def activation_bytes(shape: ModelShape, work: Workload) -> float:
@@ -192,8 +340,14 @@ def loss_head_bytes(shape: ModelShape, work: Workload, head_trained: bool) -> fl
     return (4 * shape.vocab * shape.hidden if head_trained else 0) + 2 * tokens * shape.hidden
 
 
-def ds_model_states(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int) -> tuple[float, float]:
-    """(GPU, CPU per node) bytes for the trained parameters, from DeepSpeed's own estimators."""
+def ds_model_states(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int,
+                    ratio: float = 1.0) -> tuple[float, float]:
+    """(GPU, CPU per node) bytes for the trained parameters, from DeepSpeed's own estimators.
+
+    Partial offload (stage 3, optimizer on the CPU, parameters on the GPU, ratio < 1): DeepSpeed's estimate for the
+    full optimizer offload with the `ratio` share of its CPU figure on the CPU and the rest of the 16 bytes/param of
+    optimizer states (fp32 master, Adam moments, fp32 gradients) on the GPU. Against the probe (8B shape, 1 H200,
+    checkpointing, micro-batch 4): GPU 88.8 / 112.7 GiB estimated for ratio 0.4 / 0.2, 91 / 112 measured."""
     from recipe.ds_config import ds_attr
 
     estimate_zero3_model_states_mem_needs = ds_attr("deepspeed.runtime.zero.stage3",
@@ -206,6 +360,8 @@ def ds_model_states(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int
             trained, shape.largest_layer_params, hw.gpus_per_node, hw.nodes,
             cpu_offload=f.offload_optimizer is not None, cpu_offload_params=f.offload_param is not None,
             zero_init=True)
+        if ratio < 1:
+            gpu, cpu = gpu + (1 - ratio) * 16 * trained / hw.gpus, ratio * cpu
         return gpu, cpu
     # stage 0 replicates everything: the stage-2 estimate with one GPU
     gpus, nodes = (hw.gpus_per_node, hw.nodes) if f.stage else (1, 1)
@@ -214,17 +370,59 @@ def ds_model_states(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int
     return gpu, cpu
 
 
-def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name: str = "") -> dict:
-    """Per-GPU peak and its parts, CPU memory per node and checkpoint size, in bytes (and GiB)."""
+def partial(f: DsFeatures) -> bool:
+    """DeepSpeed's partial offload as the estimate models it: stage 3, optimizer states shared between GPU and CPU
+    (offload_optimizer.ratio below 1, or "auto"), parameters on the GPU."""
+    return f.stage == 3 and f.offload_optimizer == "cpu" and f.offload_param is None and f.offload_ratio != 1.0
+
+
+def nvme_host_bytes(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int) -> float:
+    """Host memory per node that NVMe offload pins, from DeepSpeed 0.19.8's allocations (read in its code, not
+    measured). Per process, P = parameter elements per process, S = the largest optimizer sub-group (sub_group_size
+    plus the parameter that closes it, at most P): optimizer on NVMe, buffer_count + 1 fp32 buffers of S
+    (swap_tensor/optimizer_utils.py SwapBufferManager; the gradient buffer of initialize_optimizer_states);
+    parameters on NVMe, buffer_count 16-bit swap buffers of buffer_size (partitioned_param_swapper.py), up to
+    max_in_cpu 16-bit elements kept in CPU, and, when P exceeds max_in_cpu, a 16-bit swap-out buffer of the largest
+    sub-group's full (unpartitioned) size (stage3.py reserve_partitioned_swap_space)."""
+    from recipe.ds_config import param_buffer_elements
+
+    n = hw.gpus
+    largest_part = -(-shape.largest_param // n)
+    per_process, p = 0.0, shape.n_params / n
+    sub = min(trained / n, f.sub_group_size + (largest_part if trained == shape.n_params else 0))
+    if f.offload_optimizer == "nvme":
+        per_process += (f.optimizer_buffers + 1) * sub * 4
+    if f.offload_param == "nvme":
+        buffer = param_buffer_elements(shape.largest_param, n) if f.param_buffer in (None, "auto") \
+            else float(f.param_buffer)
+        per_process += f.param_buffers * buffer * 2 + min(f.max_in_cpu, p) * 2
+        if p > f.max_in_cpu:
+            per_process += min(sub * n, trained) * 2
+    return hw.gpus_per_node * per_process
+
+
+def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name: str = "",
+             ratio: float | None = None) -> dict:
+    """Per-GPU peak and its parts, CPU memory per node and checkpoint size, in bytes (and GiB).
+
+    ratio: the partial-offload share to estimate with (default: the config's; "auto" there is chosen by
+    partial_offload_ratio for this hardware and workload)."""
     f = ds_features(config, shape)
     n = hw.gpus if f.stage else 1
     full = work.method == "full"
     trained = shape.n_params if full else shape.lora_params(work.lora_rank)
-    states_gpu, states_cpu = ds_model_states(shape, f, hw, trained)
+    share = None  # the CPU share of the optimizer states under partial offload
+    if partial(f):
+        share = ratio if ratio is not None else (partial_offload_ratio(shape, config, hw, work)
+                                                 if f.offload_ratio == "auto" else float(f.offload_ratio))
+    states_gpu, states_cpu = ds_model_states(shape, f, hw, trained, 1.0 if share is None else share)
     offloaded = f.offload_optimizer is not None
     # the part of the states that lives only during the optimizer step (sharded): fp32 gradients, 4 bytes/param
     # for stages 1-2; stage 3 reduces straight into its fp32 partition, leaving 2 bytes/param of the 18 to the step
+    # (under partial offload, for the GPU's share of the optimizer states)
     step_only = 0 if offloaded else (2 if f.stage == 3 else 4) * trained / n
+    if share is not None:
+        step_only = (1 - share) * 2 * trained / n
     # frozen base weights (LoRA: bf16; QLoRA: 4-bit linears + quantisation constants, bf16 embeddings)
     frozen = frozen_on_cpu = 0.0
     if not full:
@@ -257,24 +455,57 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     load = 0 if f.stage == 3 else procs * 2 * shape.n_params
     kept = states_cpu if (offloaded or f.stage == 3) else 0
     if f.offload_optimizer == "nvme" or f.offload_param == "nvme":
-        kept = 2 * shape.n_params / hw.nodes  # pinned swap buffers, roughly
+        kept = nvme_host_bytes(shape, f, hw, trained) + (states_cpu if f.offload_optimizer == "cpu" else 0)
     elif f.offload_param == "cpu" and not full:
         kept += frozen_on_cpu / hw.nodes  # LoRA/QLoRA: the frozen base is offloaded too
+    if share is not None:
+        # a 16-bit copy of the trained weights beside the CPU share (fitted to the probe, 8B shape: 50 / 72 GiB
+        # measured at ratio 0.2 / 0.4, estimated 54 / 90 GiB; the other offload rows are 4-27% above their RSS too)
+        kept += 2 * trained / hw.nodes
     cpu = procs * CPU_PROCESS_GIB * GiB + max(load, kept)
     # a checkpoint: 16-bit weights + fp32 master and Adam moments of the trained parameters
     disk = 2 * shape.n_params + 12 * trained if full else 2 * trained + 12 * trained
+    problems = config_problems(shape, config, hw, name)
     out = {"config": name, "model": shape.name, "method": work.method, "gpus": hw.gpus, "micro_batch": work.micro_batch,
            "seq_len": work.seq_len, "gradient_checkpointing": work.gradient_checkpointing,
            "model_states": states_gpu, "frozen_weights": frozen, "activations": acts, "loss_head": head,
            "buffers": buffers, "forward_backward": fwd, "optimizer_step": step, "gpu_peak": peak,
            "cpu_per_node": cpu, "checkpoint_disk": disk,
-           "deepspeed_estimate_gpu": states_gpu, "deepspeed_estimate_cpu_per_node": states_cpu}
+           "deepspeed_estimate_gpu": states_gpu, "deepspeed_estimate_cpu_per_node": states_cpu,
+           "offload_ratio": share, "problems": problems}
     return out
 
 
+def config_problems(shape: ModelShape, config: dict, hw: Hardware, name: str = "") -> list[str]:
+    """What stops this config with this model before it trains, whatever the memory: an NVMe swap buffer smaller
+    than the largest parameter's partition (DeepSpeed asserts at the first forward)."""
+    from recipe.ds_check import nvme_buffer_problems
+
+    return nvme_buffer_problems(config, f"{name or 'ds_config'}.json", shape.largest_param, hw.gpus,
+                                shape.largest_param_name)
+
+
+def partial_offload_ratio(shape: ModelShape, config: dict, hw: Hardware, work: Workload) -> float:
+    """offload_optimizer.ratio for partial offload: the smallest share of the optimizer states on the CPU (in steps
+    of RATIO_STEP) at which this workload fits the GPU by the estimate, i.e. the largest share the GPU can hold.
+    1.0 (all on the CPU) without a GPU's memory to fill, or when even that does not fit."""
+    if hw.gpu_memory_gib <= 0:
+        return 1.0
+    steps = round(1 / RATIO_STEP)
+    for i in range(steps + 1):
+        r = round(i * RATIO_STEP, 4)
+        if estimate(shape, config, hw, work, ratio=r)["gpu_peak"] / GiB <= hw.usable_gib:
+            return r
+    return 1.0
+
+
+def host_fits(est: dict, cpu_memory_gib: float | None) -> bool:
+    """The node can give the run its host memory: below HOST_USABLE_FRACTION of what it has (unknown: yes)."""
+    return cpu_memory_gib is None or est["cpu_per_node"] / GiB <= HOST_USABLE_FRACTION * cpu_memory_gib
+
+
 def fits(est: dict, hw: Hardware) -> bool:
-    cpu_ok = hw.cpu_memory_gib is None or est["cpu_per_node"] / GiB <= 0.9 * hw.cpu_memory_gib
-    return est["gpu_peak"] / GiB <= hw.usable_gib and cpu_ok
+    return est["gpu_peak"] / GiB <= hw.usable_gib and host_fits(est, hw.cpu_memory_gib) and not est.get("problems")
 
 
 def max_micro_batch(shape, config, hw, work: Workload, cap: int = 64) -> int:
@@ -325,19 +556,25 @@ def recommend(shape: ModelShape, configs: dict[str, dict], hw: Hardware, work: W
                 est = estimate(shape, config, hw, trial, name)
                 candidates.append({"config": name, "micro_batch": b, "gradient_checkpointing": gc,
                                    "gpu_peak_gib": est["gpu_peak"] / GiB, "cpu_per_node_gib": est["cpu_per_node"] / GiB,
-                                   "score": throughput_score(name, trial)})
+                                   "offload_ratio": est["offload_ratio"], "score": throughput_score(name, trial)})
     if not candidates:
+        host = (f" (or more than {HOST_USABLE_FRACTION * hw.cpu_memory_gib:.0f} GiB of host memory per node)"
+                if hw.cpu_memory_gib is not None else "")
         return Recommendation(None, 0, False, f"nothing fits: even micro-batch 1 with gradient checkpointing needs "
-                              f"more than {hw.usable_gib:.0f} GiB per GPU on {hw.gpus} GPU(s) in every config; use more "
-                              "GPUs, GPUs with more memory, a shorter --max_length, or LoRA/QLoRA.", [])
+                              f"more than {hw.usable_gib:.0f} GiB per GPU on {hw.gpus} GPU(s){host} in every config; "
+                              "use more GPUs, GPUs with more memory, a shorter --max_length, or LoRA/QLoRA.", [])
     candidates.sort(key=lambda c: -c["score"])
     best = candidates[0]
     others = ", ".join(f"{c['config']} b{c['micro_batch']}{' +ckpt' if c['gradient_checkpointing'] else ''} "
                        f"({c['score'] / best['score']:.2f}x)" for c in candidates[1:4])
+    ratio = (f" with {best['offload_ratio']:.0%} of the optimizer states on the CPU (offload_optimizer.ratio "
+             f"{best['offload_ratio']:g})" if best["offload_ratio"] is not None else "")
+    host = (f", {best['cpu_per_node_gib']:.0f} of {hw.cpu_memory_gib:.0f} GiB of host memory per node"
+            if hw.cpu_memory_gib is not None else "")
     reason = (f"{best['config']} fits micro-batch {best['micro_batch']}"
-              f"{' with gradient checkpointing' if best['gradient_checkpointing'] else ''} at an estimated "
+              f"{' with gradient checkpointing' if best['gradient_checkpointing'] else ''}{ratio} at an estimated "
               f"{best['gpu_peak_gib']:.1f} of {hw.usable_gib:.0f} usable GiB per GPU ({hw.gpus} x "
-              f"{hw.gpu_memory_gib:.0f} GiB) and is the fastest that fits"
+              f"{hw.gpu_memory_gib:.0f} GiB){host} and is the fastest that fits"
               + (f"; next: {others}" if others else ""))
     return Recommendation(best["config"], best["micro_batch"], best["gradient_checkpointing"], reason, candidates)
 
@@ -351,7 +588,7 @@ def shipped_configs(names: list[str] | None = None) -> dict[str, dict]:
 def gib_row(est: dict) -> dict:
     """The estimate with byte fields in GiB, rounded, for tables and JSON."""
     return {k: round(v / GiB, 2) if isinstance(v, float | int) and not isinstance(v, bool)
-            and k not in ("gpus", "micro_batch", "seq_len") else v for k, v in est.items()}
+            and k not in ("gpus", "micro_batch", "seq_len", "offload_ratio") else v for k, v in est.items()}
 
 
 def format_table(rows: list[dict], hw: Hardware | None = None) -> str:
@@ -362,7 +599,8 @@ def format_table(rows: list[dict], hw: Hardware | None = None) -> str:
     for est in rows:
         g = gib_row(est)
         ok = "" if hw is None else ("yes" if fits(est, hw) else "no")
-        lines.append(f"| {g['config']} | {g['gpus']} | {g['micro_batch']} | {'yes' if g['gradient_checkpointing'] else 'no'} "
+        config = g["config"] + (f" (ratio {g['offload_ratio']:g})" if g.get("offload_ratio") is not None else "")
+        lines.append(f"| {config} | {g['gpus']} | {g['micro_batch']} | {'yes' if g['gradient_checkpointing'] else 'no'} "
                      f"| {g['model_states'] + g['frozen_weights']:.1f} | {g['activations']:.1f} | {g['loss_head']:.1f} "
                      f"| {g['buffers']:.1f} | {g['forward_backward']:.1f} | {g['optimizer_step']:.1f} "
                      f"| **{g['gpu_peak']:.1f}** | {g['cpu_per_node']:.0f} | {g['checkpoint_disk']:.0f} | {ok} |")
@@ -376,7 +614,7 @@ def run_hardware() -> Hardware | None:
     from recipe.hardware import local_world_size
 
     local = local_world_size()
-    return detect_hardware(local, max(1, int(os.environ.get("WORLD_SIZE", "1")) // local))
+    return detect_hardware(local, max(1, int(os.environ.get("WORLD_SIZE", "1")) // local), run_processes=local)
 
 
 def run_workload(training_args, model_args) -> Workload:

@@ -28,6 +28,10 @@ SHAPES = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"]
 GPU_COUNTS = [1, 2, 4, 8]
 GPU_SIZES = {"24 GB": 23.6, "40 GB": 39.4, "80 GB": 79.2, "141 GB": 139.8}  # GiB as the cards report it
 NODE_CPU_GIB = 1024  # assumed CPU memory of a GPU server, for the recommendation table
+# Host RAM of the machines most users rent (1-4 GPUs): GiB a run can use on a host sold with that much (the issue's
+# 128 GB single-H200 host had 125 GiB), for the host-limited recommendation tables
+HOST_SIZES = {"64 GB": 62.0, "128 GB": 125.0, "256 GB": 250.0}
+HOST_GPU_COUNTS = [1, 2, 4]
 METHODS = ["full", "lora", "qlora"]
 
 
@@ -37,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--gpus", type=int, help="GPUs per node (default: this machine's)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu_memory_gib", type=float, help="per GPU (default: this machine's)")
-    p.add_argument("--cpu_memory_gib", type=float, help="per node (default: this machine's)")
+    p.add_argument("--cpu_memory_gib", type=float,
+                   help="host memory a run can use per node (default: this machine's MemAvailable, or its cgroup "
+                   "limit when tighter; not MemTotal)")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--micro_batch", type=int, default=1, help="per-GPU micro-batch for the table")
     p.add_argument("--max_batch", type=int, default=16, help="largest micro-batch the recommendation tries")
@@ -60,7 +66,7 @@ def hardware(a) -> E.Hardware:
         sys.exit("error: no CUDA GPU here: pass --gpus N and --gpu_memory_gib G (say --gpus 8 --gpu_memory_gib 80).")
     cpu = a.cpu_memory_gib  # unchecked when unknown; this machine's when its GPUs are the ones estimated for
     if cpu is None and detected and not a.gpu_memory_gib:
-        cpu = detected.cpu_memory_gib
+        cpu = detected.cpu_memory_gib  # what this node can give now (recipe.estimate.read_host_memory)
     name = detected.gpu_name if detected and not a.gpu_memory_gib else ""
     return E.Hardware(gpus, memory, a.nodes, cpu, name)
 
@@ -120,7 +126,10 @@ def requirements(a) -> str:
            f"Liger kernels), LoRA rank {a.lora_r} on every linear, QLoRA nf4 with double quantisation. GPU figures "
            "are peak allocated GiB per GPU (what `torch.cuda.max_memory_allocated` reports); a GPU fits a config when "
            f"the estimate is below {E.USABLE_FRACTION:.0%} of its memory less {E.CONTEXT_GIB:.0f} GiB. CPU is GiB "
-           "per node (DeepSpeed's estimator for the model states, plus ~3 GiB per process); checkpoint is GiB on "
+           "of host memory per node (DeepSpeed's estimator for the offloaded model states; for stage3_nvme "
+           "DeepSpeed's pinned swap buffers as its code allocates them; for stage3_partial_offload the CPU share of "
+           "the states plus a 16-bit copy of the weights; plus ~3 GiB per process) and a node fits when it is below "
+           f"{E.HOST_USABLE_FRACTION:.0%} of what the node can give; checkpoint is GiB on "
            "disk per saved checkpoint (16-bit weights + fp32 master and Adam moments of what is trained); "
            "stage3_nvme also needs about the stage3_offload CPU figure as free space on the NVMe disk.", "",
            "Estimate your own case: `uv run python scripts/estimate_memory.py --model <id or folder> --gpus N "
@@ -134,27 +143,31 @@ def requirements(a) -> str:
                 "node, the measurement rank 0's peak RSS with random weights made on the GPU (nothing loaded from "
                 "disk), so only the one-GPU offload rows compare like with like.", "",
                 compare_table(measured), ""]
+    shapes = {s: E.load_shape(str(ROOT / "configs" / "models" / s)) for s in SHAPES}
     out += ["## Recommended config per GPU", "",
             f"The fastest shipped config that fits, with the largest micro-batch up to {a.max_batch} (seq "
-            f"{a.seq_len}); '+ckpt': with gradient checkpointing; CPU memory assumed {NODE_CPU_GIB} GiB per node. "
-            "'—': nothing fits.", "",
-            "| model | method | GPUs | " + " | ".join(GPU_SIZES) + " |",
-            "|---|---|---|" + "---|" * len(GPU_SIZES)]
-    shapes = {s: E.load_shape(str(ROOT / "configs" / "models" / s)) for s in SHAPES}
-    for s, shape in shapes.items():
-        for method in METHODS:
-            for g in GPU_COUNTS:
-                cells = []
-                for gib in GPU_SIZES.values():
-                    rec = E.recommend(shape, configs, E.Hardware(g, gib, 1, NODE_CPU_GIB),
-                                      E.Workload(seq_len=a.seq_len, method=method, lora_rank=a.lora_r),
-                                      max_batch=a.max_batch)
-                    cells.append("—" if rec.config is None else
-                                 f"{rec.config} b{rec.micro_batch}{' +ckpt' if rec.gradient_checkpointing else ''}")
-                out.append(f"| {s} | {method} | {g} | " + " | ".join(cells) + " |")
+            f"{a.seq_len}); '+ckpt': with gradient checkpointing; 'r0.3': stage3_partial_offload's "
+            "offload_optimizer.ratio, the share of the optimizer states on the CPU (the largest share the GPU can "
+            "hold); host memory assumed "
+            f"{NODE_CPU_GIB} GiB per node, as on GPU servers (the tables below: the hosts most rented machines "
+            "have). '—': nothing fits.", ""]
+    out += recommendation_table(shapes, configs, GPU_COUNTS, NODE_CPU_GIB, a)
+    out += ["", "### Host RAM per node as the limit", "",
+            f"The same choice on {', '.join(HOST_SIZES)} hosts with {', '.join(map(str, HOST_GPU_COUNTS))} GPUs: "
+            "host memory is the limit that one-GPU machines with CPU offload hit first (an 8B full fine-tune with "
+            "stage2_offload needs about 182 GiB per node, stage3_offload 205 GiB). A host fits a config when its "
+            f"estimate is below {E.HOST_USABLE_FRACTION:.0%} of the host memory a run can use (GiB in each heading: "
+            "the machine's MemAvailable at start, or its cgroup limit, is what `train_ds.py` compares and stops on "
+            "before any weights load).", ""]
+    for host, gib in HOST_SIZES.items():
+        out += [f"#### {host} host ({gib:.0f} GiB usable)", ""]
+        out += recommendation_table(shapes, configs, HOST_GPU_COUNTS, gib, a)
+        out += [""]
+    out.pop()
     for s, shape in shapes.items():
         out += ["", f"## {s} ({shape.n_params / 1e9:.2f}B parameters)", "",
-                "GPU GiB per GPU / CPU GiB per node, micro-batch 1.", "",
+                "GPU GiB per GPU / CPU GiB per node, micro-batch 1 (stage3_partial_offload at the ratio an 80 GB GPU "
+                "allows; stage3_nvme's host memory from DeepSpeed's own pinned buffers, not measured).", "",
                 "| method | GPUs | " + " | ".join(configs) + " | checkpoint GiB |",
                 "|---|---|" + "---|" * (len(configs) + 1)]
         for method in METHODS:
@@ -166,6 +179,28 @@ def requirements(a) -> str:
                          + (" ✓" if (s, e["config"], g, method) in seen else "") for e in ests]
                 out.append(f"| {method} | {g} | " + " | ".join(cells) + f" | {ests[0]['checkpoint_disk'] / E.GiB:.0f} |")
     return "\n".join(out) + "\n"
+
+
+def recommendation_table(shapes: dict, configs: dict, gpu_counts: list[int], host_gib: float, a) -> list[str]:
+    """Rows model x method x GPUs per node, a cell per GPU size: the recommendation with this much host memory."""
+    lines = ["| model | method | GPUs | " + " | ".join(GPU_SIZES) + " |", "|---|---|---|" + "---|" * len(GPU_SIZES)]
+    for s, shape in shapes.items():
+        for method in METHODS:
+            for g in gpu_counts:
+                cells = []
+                for gib in GPU_SIZES.values():
+                    rec = E.recommend(shape, configs, E.Hardware(g, gib, 1, host_gib),
+                                      E.Workload(seq_len=a.seq_len, method=method, lora_rank=a.lora_r),
+                                      max_batch=a.max_batch)
+                    cells.append("—" if rec.config is None else cell(rec))
+                lines.append(f"| {s} | {method} | {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def cell(rec: E.Recommendation) -> str:
+    ratio = rec.candidates[0]["offload_ratio"]
+    return (f"{rec.config} b{rec.micro_batch}{' +ckpt' if rec.gradient_checkpointing else ''}"
+            + (f" r{ratio:g}" if ratio is not None else ""))
 
 
 def main(argv=None) -> int:

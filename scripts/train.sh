@@ -20,6 +20,9 @@
 #                                (--bind_cores_to_rank, within --bind_core_list if given; when numactl is here and
 #                                not over ssh); this turns that off
 #   --dry_print                  print the command (and write the launch files) without running it
+# A run killed by SIGKILL (exit 137, or 247 through DeepSpeed's launcher) is reported as a likely host out-of-memory,
+# with train_ds.py's start-up estimate of the host memory it needs per node (train_ds.py stops with exit 2 before
+# loading weights when the estimate is above what the node can give; --check_host_memory false to start anyway).
 # Every other argument goes to train_ds.py untouched (also everything after `--`), so hyperparameters live only in
 # recipes and flags. GPUs with NVLink multicast issues: export NCCL_NVLS_ENABLE=0 before calling.
 set -euo pipefail
@@ -221,4 +224,40 @@ if [[ -n "${env_file:-}" ]]; then
 fi
 if [[ $dry_print == 1 ]]; then exit 0; fi
 if [[ ${#env_prefix[@]} -gt 0 ]]; then export "${env_prefix[@]}"; fi
-exec "${cmd[@]}"
+
+# Run it and wait (not exec): a rank killed by SIGKILL leaves only DeepSpeed's "exits with return code = -9", so say
+# what that most likely was. train_ds.py's local rank 0 writes its start-up host-memory verdict (the estimate and
+# what this node could give) to $RECIPE_HOST_MEMORY_REPORT. TERM/HUP are passed on; Ctrl-C reaches the launcher
+# through the terminal's process group.
+report_dir="$work"
+if [[ -z "$report_dir" ]]; then report_dir=$(mktemp -d "${TMPDIR:-/tmp}/train_sh.XXXXXX"); fi
+export RECIPE_HOST_MEMORY_REPORT="$report_dir/host_memory.txt"
+"${cmd[@]}" <&0 &
+child=$!
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM HUP
+trap 'kill -INT "$child" 2>/dev/null || true' INT
+status=0
+wait "$child" || status=$?
+while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for the launcher itself
+  status=0
+  wait "$child" || status=$?
+done
+# 137: killed by SIGKILL (128 + 9); 247: DeepSpeed's launcher passing on a rank's -9 (sys.exit(-9) is 247)
+if [[ $status == 137 || $status == 247 ]]; then
+  {
+    echo "train.sh: a training process was killed by SIGKILL (exit $status; DeepSpeed: \"exits with return code = -9\")"
+    echo "train.sh: the recipe never sends it: unless you did, this is most likely a host out-of-memory, the kernel's"
+    echo "train.sh: OOM killer ending the largest process (check: dmesg | grep -iE 'out of memory|killed process')."
+    if [[ -s "$RECIPE_HOST_MEMORY_REPORT" ]]; then
+      echo "train.sh: at start, train_ds.py said: $(cat "$RECIPE_HOST_MEMORY_REPORT")"
+      echo "train.sh: an estimate near the limit, or other jobs on this node, can still run out: pick a config"
+      echo "train.sh: with less host memory (uv run python train_ds.py <the same arguments> --dry_run lists them)."
+    else
+      echo "train.sh: it died before its host-memory check; uv run python train_ds.py <the same arguments> --dry_run"
+      echo "train.sh: prints the host memory each config needs per node and what this node can give."
+    fi
+  } >&2
+fi
+rm -f "$RECIPE_HOST_MEMORY_REPORT"
+if [[ -z "$work" ]]; then rmdir "$report_dir" 2>/dev/null || true; fi
+exit "$status"

@@ -211,3 +211,26 @@ def test_packed_documents_do_not_see_each_other(tiny_tokenizer, attn):
         n = len(example["input_ids"])
         torch.testing.assert_close(packed_loss[start:start + n - 1], alone, rtol=1e-5, atol=1e-6)
         start += n
+
+
+@pytest.mark.xdist_group("mixture")
+def test_two_processes_train_a_multi_turn_mixture(tmp_path):
+    """End to end, 2 processes (deepspeed launcher, gloo): a mixture of multi-turn chats, ShareGPT and
+    prompt/completion rows trains, and summary.json counts each source."""
+    from conftest import FAST, check_ok, launch, read_summary
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}] * 24)
+    share = write_jsonl(tmp_path / "share.jsonl", [{"conversations": [
+        {"from": "human", "value": f"reverse: {w}"}, {"from": "gpt", "value": w[::-1]},
+        {"from": "human", "value": "again"}, {"from": "gpt", "value": w[::-1]}]} for w in ("abc", "hello", "xyz")] * 8)
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"{i}+{i}=", "a": str(2 * i)} for i in range(16)])
+    cap = FAST.index("--max_train_samples")
+    fast = FAST[:cap] + FAST[cap + 2:]  # the mixture sets its own rows
+    proc = launch([*fast, "--dataset_mixture", f"{chats}:16", f"{share}:0.5", str(qa), "--dataset_columns",
+                   "q:prompt,a:completion", "--eval_split_ratio", "0", "--max_length", "256",
+                   "--heldout_eval", "false"], tmp_path / "results", nproc=2, launcher="deepspeed")
+    check_ok(proc)
+    summary = read_summary(tmp_path / "results")
+    assert summary["rows_per_dataset"] == {str(chats): 16, str(share): 12, str(qa): 16}
+    assert summary["dataset_format"] == "messages+sharegpt+prompt_completion" and summary["world_size"] == 2
+    assert summary["global_step"] == 4 and 0 < summary["train_loss"] < 10

@@ -221,18 +221,18 @@ def test_deepspeed_builder_accepts_the_fixed_list(monkeypatch):
 
 
 def test_a_max_length_beyond_the_models_positions_needs_rope_scaling(tmp_path):
-    """The tiny default has 256 positions: 1000 stops before any weights load unless RoPE is stretched."""
+    """The tiny default has 2048 positions: 7000 stops before any weights load unless RoPE is stretched."""
     with pytest.raises(ConfigError) as e:
-        parse_args(["--max_length", "1000", "--report_to", "none"])
-    assert any("--max_length 1000 is beyond the tiny default's max_position_embeddings 256" in p
+        parse_args(["--max_length", "7000", "--report_to", "none"])
+    assert any("--max_length 7000 is beyond the tiny default's max_position_embeddings 2048" in p
                and "--rope_scaling yarn:4" in p for p in e.value.problems)
-    _, args, margs = parse_args(["--max_length", "1000", "--rope_scaling", "yarn:4", "--report_to", "none"])
+    _, args, margs = parse_args(["--max_length", "7000", "--rope_scaling", "yarn:4", "--report_to", "none"])
     from recipe.modeling import build_tiny_tokenizer, load_model
 
     model = load_model(margs, args, build_tiny_tokenizer())
-    assert model.config.max_position_embeddings == 1024
+    assert model.config.max_position_embeddings == 8192
     assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 4.0
     with pytest.raises(ConfigError, match="even with --rope_scaling linear:2"):
-        parse_args(["--max_length", "1000", "--rope_scaling", "linear:2", "--report_to", "none"])
+        parse_args(["--max_length", "7000", "--rope_scaling", "linear:2", "--report_to", "none"])
     with pytest.raises(ConfigError, match="write TYPE:FACTOR"):
         parse_args(["--rope_scaling", "ntk:4", "--report_to", "none"])

@@ -286,3 +286,60 @@ def test_a_typo_in_the_users_file_stops_the_run_before_any_weights_load(tmp_path
     text = str(err.value)
     assert "mine.json" in text and "gradient_clipp1ng" in text and "gradient_clipping" in text
     assert "offload_param" in text and len(err.value.problems) >= 2
+
+
+# ---------------------------------------------------------------- NVMe swap buffers against the model
+
+
+EMBED_1B = 128256 * 2048  # Llama-3.2-1B's embedding, its largest parameter
+
+
+@pytest.mark.parametrize("size, world, flagged", [
+    (1e8, 1, True),  # the old stage3_nvme.json: DeepSpeed's "More elements 262668288 than buffer size 100000000"
+    (DELETE, 1, True),  # absent: DeepSpeed's default, 1e8
+    ("auto", 1, False),  # filled from the model
+    (EMBED_1B, 1, False),
+    (EMBED_1B // 2 + 1, 2, False),  # each process holds a partition: ceil(262668288 / 2)
+    (EMBED_1B // 2 - 1, 2, True),
+])
+def test_nvme_buffer_smaller_than_the_largest_parameter_is_reported(size, world, flagged):
+    from recipe.ds_check import nvme_buffer_problems
+
+    config = edited("stage3_nvme.json", {"zero_optimization.offload_param.buffer_size": size,
+                                         "zero_optimization.offload_param.nvme_path": "/nvme",
+                                         "zero_optimization.offload_optimizer.nvme_path": "/nvme"})
+    problems = nvme_buffer_problems(config, "test.json", EMBED_1B, world, "the embedding (128256 x 2048)")
+    assert bool(problems) == flagged, problems
+    if flagged:
+        (text,) = problems
+        partition = -(-EMBED_1B // world)
+        assert text.startswith("test.json: zero_optimization.offload_param.buffer_size: ") and "; fix: " in text
+        assert f"More elements {partition} than buffer size" in text and "128256 x 2048" in text
+        assert 'set it to "auto"' in text and f"at least {partition:,}" in text
+        assert ("absent: DeepSpeed's default" in text) == (size is DELETE)
+
+
+def test_nvme_buffer_check_ignores_configs_without_nvme_parameters():
+    from recipe.ds_check import nvme_buffer_problems
+
+    for name in ("stage3_offload.json", "stage2.json", "stage3_partial_offload.json"):
+        assert nvme_buffer_problems(edited(name, {}), name, EMBED_1B, 1) == []
+
+
+def test_filled_autos_and_partial_offload_ratio():
+    """"auto" for the NVMe buffer and the partial-offload ratio is this recipe's to fill; a ratio below 1 at stage 2
+    is what DeepSpeed refuses."""
+    from recipe.ds_config import DsConfig, fill_model_autos, model_autos, param_buffer_elements
+
+    config = edited("stage3_partial_offload.json", {})
+    assert model_autos(config) == ["zero_optimization.offload_optimizer.ratio"] and DsConfig(config).partial_offload
+    assert fill_model_autos(config, largest_param=EMBED_1B, world_size=1, offload_ratio=0.25) == \
+        ["zero_optimization.offload_optimizer.ratio=0.25"]
+    assert check(config) == ([], [])
+    nvme = edited("stage3_nvme.json", {})
+    assert model_autos(nvme) == ["zero_optimization.offload_param.buffer_size"]
+    fill_model_autos(nvme, largest_param=EMBED_1B, world_size=2, offload_ratio=None)
+    size = nvme["zero_optimization"]["offload_param"]["buffer_size"]
+    assert size == param_buffer_elements(EMBED_1B, 2) >= EMBED_1B / 2
+    errors, _ = check(edited("stage2_offload.json", {"zero_optimization.offload_optimizer.ratio": "auto"}))
+    assert any("Partial offloading only supported for ZeRO Stage 3" in e for e in errors), errors

@@ -227,3 +227,54 @@ def test_hardware_requirements_is_what_the_estimator_generates():
     measured = re.search(r"--measured ([^`]+)`", committed).group(1).split()
     args = script.parse_args(["--requirements", "unused.md", "--measured", *[str(ROOT / m) for m in measured]])
     assert script.requirements(args) == committed, "regenerate: see the command at the top of HARDWARE_REQUIREMENTS.md"
+
+
+# ---------------------------------------------------------------- partial offload, NVMe buffers, host memory
+
+
+@pytest.mark.parametrize("ratio,gpu_gib,host_gib", [(0.4, 91, 72), (0.2, 112, 50)])
+def test_partial_offload_against_the_probe(ratio, gpu_gib, host_gib):
+    """The issue's probe (8B shape, 1 H200, checkpointing, micro-batch 4): GPU within 5% of what it measured; host
+    memory above it (the preflight must not let a run that dies through) by at most 30%."""
+    shape = E.load_shape(str(MODELS / "llama-3.1-8b"))
+    est = E.estimate(shape, E.shipped_configs()["stage3_partial_offload"], E.Hardware(1, 139.8),
+                     E.Workload(micro_batch=4, gradient_checkpointing=True), ratio=ratio)
+    assert est["gpu_peak"] / 2**30 == pytest.approx(gpu_gib, rel=0.05)
+    assert host_gib <= est["cpu_per_node"] / 2**30 <= 1.3 * host_gib
+    assert est["offload_ratio"] == ratio
+
+
+def test_partial_offload_ratio_is_the_largest_share_the_gpu_holds():
+    shape = E.load_shape(str(MODELS / "llama-3.1-8b"))
+    config = E.shipped_configs()["stage3_partial_offload"]
+    hw, work = E.Hardware(1, 139.8), E.Workload(micro_batch=4, gradient_checkpointing=True)
+    r = E.partial_offload_ratio(shape, config, hw, work)
+    assert 0 < r < 1
+    assert E.estimate(shape, config, hw, work, ratio=r)["gpu_peak"] / 2**30 <= hw.usable_gib
+    assert E.estimate(shape, config, hw, work, ratio=r - E.RATIO_STEP)["gpu_peak"] / 2**30 > hw.usable_gib
+    assert E.estimate(shape, config, hw, work)["offload_ratio"] == r  # "auto" in the file: the same choice
+    assert E.partial_offload_ratio(shape, config, E.Hardware(1, 0.0), work) == 1.0  # no GPU memory: all on the CPU
+    small = E.partial_offload_ratio(E.load_shape(str(MODELS / "llama-3.2-1b")), config, hw, work)
+    assert small == 0.0  # the 1B shape's states fit the GPU whole
+
+
+def test_host_memory_steers_the_recommendation():
+    """One H200: with a GPU server's host memory stage2_offload is the fastest that fits the 8B shape; with the
+    issue's 125 GiB host it needs 182 GiB and partial offload is chosen, its ratio from the GPU's room."""
+    shape = E.load_shape(str(MODELS / "llama-3.1-8b"))
+    configs = E.shipped_configs()
+    big = E.recommend(shape, configs, E.Hardware(1, 139.8, 1, 1024), E.Workload(micro_batch=8), max_batch=8)
+    assert big.config == "stage2_offload"
+    small = E.recommend(shape, configs, E.Hardware(1, 139.8, 1, 125), E.Workload(micro_batch=8), max_batch=8)
+    assert small.config == "stage3_partial_offload" and "of the optimizer states on the CPU" in small.reason
+    assert small.candidates[0]["cpu_per_node_gib"] <= 0.9 * 125
+
+
+def test_nvme_buffer_below_the_largest_parameter_never_fits():
+    shape = E.load_shape(str(MODELS / "llama-3.2-1b"))
+    hw = E.Hardware(1, 80, 1, 512)
+    config = json.loads((ROOT / "ds_configs" / "stage3_nvme.json").read_text())
+    assert E.fits(E.estimate(shape, config, hw, E.Workload(), "stage3_nvme"), hw)  # "auto": filled from the model
+    config["zero_optimization"]["offload_param"]["buffer_size"] = 1e8
+    est = E.estimate(shape, config, hw, E.Workload(), "mine")
+    assert not E.fits(est, hw) and "More elements 262668288 than buffer size 100000000" in est["problems"][0]
