@@ -87,11 +87,38 @@ def test_benchmark_ratios_and_report(tmp_path):
             row("ours", 2, 190.0, batch=16), benchmark.row_from("ours_4", "ours", None, "out of GPU memory", "GPU",
                                                                  4, "2", 16, 2048, ["x"])]
     benchmark.add_ratios(rows)
-    assert rows[2]["speedup_vs_baseline"] == 2.0  # against the first baseline row (the guides' batch size)
+    # against the fastest baseline row (the seed recipe at its best batch), not the guides' batch 4
+    assert rows[2]["speedup_vs_baseline"] == pytest.approx(200.0 / 120.0)
     assert rows[3]["scaling_vs_1gpu"] == pytest.approx(0.95)
     assert rows[2]["step_time_s"] == pytest.approx(16 * 2048 / 200.0)
     benchmark.write_table(rows, tmp_path / "t.md", "# t")
     table = (tmp_path / "t.md").read_text()
-    assert "| 95.0% |" in table and "out of GPU memory" in table and "2.00x" in table
+    assert "| 95.0% |" in table and "out of GPU memory" in table and "1.67x" in table and "vs best baseline" in table
     benchmark.write_chart(rows, tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_benchmark_stops_the_baseline_at_its_first_out_of_memory(tmp_path, monkeypatch):
+    """The baseline is searched upward through --baseline_batch_sizes; once a batch runs out of GPU memory the
+    larger ones are not tried, and the best that ran is the reference."""
+    import sys
+
+    sys.path.insert(0, "scripts")
+    import benchmark
+
+    tried = []
+
+    def fake_run(name, cmd, run_dir, log_dir, timeout):
+        batch = int(name.rsplit("_b", 1)[1])
+        tried.append((name.split("_")[0], batch))
+        if name.startswith("baseline") and batch >= 32:
+            return None, "out of GPU memory"
+        return {"tokens_per_second_per_device": 1000.0 * batch if name.startswith("baseline") else 50000.0}, "ok"
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run)
+    monkeypatch.setattr(benchmark, "gpu_name", lambda: ("GPU", 1))
+    rows = benchmark.main(["--baseline", "--baseline_batch_sizes", "16,4,64,32,8", "--batch_sizes", "16",
+                           "--max_steps", "2", "--out", str(tmp_path / "out"), "--work_dir", str(tmp_path / "w")])
+    assert [b for v, b in tried if v == "baseline"] == [4, 8, 16, 32]  # ascending, none after the first OOM
+    ours = next(r for r in rows if r["variant"] == "ours")
+    assert ours["speedup_vs_baseline"] == pytest.approx(50000.0 / 16000.0)
