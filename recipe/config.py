@@ -527,8 +527,8 @@ def position_problems(training_args, model_args) -> list[str]:
     try:
         config = model_config(model_args.model_name_or_path, model_args.model_revision,
                               training_args.trust_remote_code)
-    except OSError:
-        return problems  # not readable here (an offline hub id): loading the model names that
+    except (OSError, ValueError):
+        return problems  # not readable here (an offline hub id, a LoRA adapter folder): loading the model names that
     limit = getattr(config, "max_position_embeddings", None)
     if not limit:
         return problems
