@@ -1,5 +1,12 @@
-"""Never lose a run: kill -9 and rerun, a checkpoint cut off mid-save, export of any checkpoint,
-no secrets in what a run writes. CPU, real DeepSpeed, 1 and 2 processes."""
+"""Never lose a run: kill -9 and rerun, a checkpoint cut off mid-save, export of any checkpoint, no secrets in what
+a run writes, a rank that dies, a nan loss, a full disk, and the messages for what cannot work. CPU, real DeepSpeed,
+1 and 2 processes.
+
+Default run: the kill -9, cut-off, export and secrets checks read the shared 2-process ZeRO-2 run and its twins
+(conftest: zero2_run, killed_and_rerun, cut_and_resumed_on_one); rank death (kill -9 of one rank), the nan loss and
+the full disk are a launch each; messages are checked in process, with one bad input end to end through __main__
+for its exit code. `-m slow`: ZeRO-3 exports (with and without gathered 16-bit weights), a rank that raises.
+"""
 
 from __future__ import annotations
 
@@ -12,139 +19,137 @@ import time
 
 import pytest
 
-from conftest import ROOT, check_ok, command, launch, load_script, only_run_dir, read_summary
+from conftest import (FAST, ROOT, SECRETS, ZERO2, ZERO2_GROUP, ZERO2_SAVE, ZERO2_STEPS, check_ok, command, launch,
+                      load_script, logged, only_run_dir, read_summary)
 
-CKPT = ["--logging_steps", "1", "--eval_strategy", "no", "--heldout_eval", "false", "--save_strategy", "steps"]
-
-
-def logged_steps(run_dir) -> list[int]:
-    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
-    return [r["step"] for r in state["log_history"] if "loss" in r]
+CKPT = ["--logging_steps", "1", "--eval_strategy", "no", "--heldout_eval", "false", "--save_strategy", "steps",
+        "--max_train_samples", "64", "--max_eval_samples", "64", "--global_batch_size", "8",
+        "--per_device_train_batch_size", "4"]
 
 
-@pytest.mark.slow
-def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path):
-    """2 processes; kill -9 the whole job after its second checkpoint; the same command resumes from the last
-    complete checkpoint, continues the same W&B run (offline here) and the loss curve, loses only later steps."""
-    args = [*CKPT, "--save_steps", "4", "--max_steps", "40", "--report_to", "wandb"]
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path / "home")}
-    cmd, full_env = command(args, tmp_path, nproc=2, launcher="deepspeed", env=env)
-    job = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    deadline = time.time() + 300
-    marker = None
-    while time.time() < deadline and job.poll() is None:
-        runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "home"]
-        found = list(runs[0].glob("checkpoints/checkpoint-8/checkpoint_complete.json")) if runs else []
-        if found:
-            marker = found[0]
-            break
-        time.sleep(0.2)
-    assert marker is not None and job.poll() is None, "the job ended or never saved checkpoint-8"
-    os.killpg(job.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
-    job.wait(timeout=30)
-    run_dir = marker.parents[2]
-    saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*")
-                   if (p / "checkpoint_complete.json").exists())
-    assert not (run_dir / "summary.json").exists() and saved[-1] < 40
+# ── kill -9, cut off mid-save: the shared ZeRO-2 run's twins ─────────────────
 
-    proc = launch(args, tmp_path, nproc=2, launcher="deepspeed", env=env)  # the same command again
+
+@ZERO2_GROUP
+def test_kill_9_mid_training_then_the_same_command_resumes(killed_and_rerun, zero2_run):
+    """2 processes; kill -9 the whole job (launcher and both ranks) once checkpoint-4 is complete; the same command
+    resumes from the last complete checkpoint, continues the same W&B run (offline here), and its loss curve is the
+    uninterrupted run's at every step."""
+    after_kill, proc, run_dir = killed_and_rerun["after_kill"], killed_and_rerun["proc"], killed_and_rerun["dir"]
+    saved = after_kill["checkpoints"]
+    assert not after_kill["summary"] and saved and ZERO2_SAVE <= saved[-1] < ZERO2_STEPS, after_kill["checkpoints"]
+
     check_ok(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"checkpoint-{saved[-1]}")
-    assert summary["global_step"] == 40
-    steps = logged_steps(run_dir)
-    assert steps == list(range(1, 41)), steps  # one curve: the steps before the checkpoint, then the rest
+    assert summary["global_step"] == ZERO2_STEPS and summary["world_size"] == 2
+    assert "universal checkpoint" not in proc.stdout + proc.stderr  # the same count: the normal resume
+    resumed, uninterrupted = logged(run_dir), logged(zero2_run["dir"])
+    assert sorted(resumed) == list(range(1, ZERO2_STEPS + 1))  # one curve: the steps before the checkpoint, then on
+    for step in range(1, ZERO2_STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], rel=1e-5), step
+        assert resumed[step]["learning_rate"] == pytest.approx(uninterrupted[step]["learning_rate"], rel=1e-9), step
     # the same W&B run continued: both offline run folders carry the run id kept in the run folder
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     offline = sorted(p.name for p in (run_dir / "wandb").glob("**/offline-run-*") if p.is_dir())
     assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), (offline, run_id)
 
 
-def test_a_checkpoint_cut_off_mid_save_is_skipped(tmp_path):
+@ZERO2_GROUP
+def test_a_checkpoint_cut_off_mid_save_is_skipped(cut_and_resumed_on_one):
     """A newest checkpoint without its completion marker and with a truncated shard (what a kill during a save
-    leaves) is skipped and kept aside; the run resumes from the one before and finishes."""
-    args = [*CKPT, "--save_steps", "5", "--report_to", "none"]
-    check_ok(launch([*args, "--max_steps", "10"], tmp_path))
-    ckpts = only_run_dir(tmp_path) / "checkpoints"
-    cut = ckpts / "checkpoint-10"
-    (cut / "checkpoint_complete.json").unlink()
-    shard = next(cut.glob("global_step10/*optim_states.pt"))
-    shard.write_bytes(shard.read_bytes()[:100])
-    proc = launch([*args, "--max_steps", "15"], tmp_path)
+    leaves) is skipped and kept aside; the run resumes from the one before and finishes, saving that step again.
+    (Resumed on 1 process here: test_universal checks the 2 -> 1 side of the same run.)"""
+    proc, run_dir = cut_and_resumed_on_one["proc"], cut_and_resumed_on_one["dir"]
     check_ok(proc)
-    summary = read_summary(tmp_path)
-    assert summary["resumed_from"].endswith("checkpoint-5") and summary["global_step"] == 15
-    assert (ckpts / "incomplete-checkpoint-10").is_dir() and "incomplete" in proc.stderr
-    assert (ckpts / "checkpoint-10" / "checkpoint_complete.json").exists()  # saved again, whole this time
-    assert (ckpts / "checkpoint-15" / "checkpoint_complete.json").exists()
+    ckpts = run_dir / "checkpoints"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{ZERO2_STEPS - ZERO2_SAVE}")
+    assert summary["global_step"] == ZERO2_STEPS
+    assert (ckpts / f"incomplete-checkpoint-{ZERO2_STEPS}").is_dir() and "incomplete" in proc.stderr
+    assert (ckpts / f"checkpoint-{ZERO2_STEPS}" / "checkpoint_complete.json").exists()  # saved again, whole
+
+
+# ── export ───────────────────────────────────────────────────────────────────
+
+
+def export_cli(ckpt, out, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(ckpt), "--out", str(out), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def eval_loss_of(model_dir, results) -> float:
+    check_ok(launch(["--eval_only", "--model_name_or_path", str(model_dir), "--eval_dataset_name", "data/test.jsonl",
+                     "--max_eval_samples", "64", "--heldout_eval", "false", "--report_to", "none"], results))
+    return read_summary(results)["eval_loss"]
+
+
+@ZERO2_GROUP
+def test_export_a_zero2_checkpoint_to_a_hf_folder(zero2_run, tmp_path, capsys):
+    """The 2-process ZeRO-2 run's last checkpoint becomes a safetensors folder (the weights saved in the checkpoint)
+    that --eval_only loads and that gives the run's own eval loss; --fp32 (the master weights from the
+    ZeRO shards, zero_to_fp32) gives the same tensors, which are the run's final model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ckpt = zero2_run["dir"] / "checkpoints" / f"checkpoint-{ZERO2_STEPS}"
+    export = load_script(ROOT / "scripts" / "export.py")  # its main(), in process (the CLI's exit: the test below)
+    for out, flags, weights in (("export", [], "the weights saved in the checkpoint"),
+                                ("export_fp32", ["--fp32"], "fp32 master weights from the ZeRO shards")):
+        assert export.main([str(ckpt), "--out", str(tmp_path / out), *flags]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["weights"].startswith(weights)
+    for out in ("export", "export_fp32"):
+        assert (tmp_path / out / "model.safetensors").exists() and (tmp_path / out / "tokenizer.json").exists()
+    # as loaded (tied weights tied; the run's own save writes lm_head beside the embedding it is tied to)
+    final, saved, fp32 = (AutoModelForCausalLM.from_pretrained(path).state_dict() for path in
+                          (zero2_run["dir"] / "model", tmp_path / "export", tmp_path / "export_fp32"))
+    assert saved.keys() == fp32.keys() == final.keys() and sum(t.numel() for t in final.values()) > 500_000
+    for name in final:
+        assert torch.equal(saved[name], final[name]) and torch.allclose(fp32[name], final[name], rtol=1e-6, atol=0), name
+    trained = read_summary(zero2_run["dir"].parent)["eval_loss"]
+    assert eval_loss_of(tmp_path / "export", tmp_path / "eval") == pytest.approx(trained, rel=1e-3)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,gather", [("2", True), ("3", True), ("3", False)])
-def test_export_any_checkpoint_to_a_hf_folder(tmp_path, stage, gather):
-    """ZeRO-2 and ZeRO-3 (with and without gathered 16-bit weights) checkpoints become safetensors folders that
-    from_pretrained loads and that give the run's own eval loss; --fp32 takes the master weights."""
-    extra = []
+@pytest.mark.parametrize("gather", [True, False])
+def test_export_a_zero3_checkpoint_to_a_hf_folder(tmp_path, gather):
+    """ZeRO-3 checkpoints, with and without gathered 16-bit weights, become safetensors folders that from_pretrained
+    loads and that give the run's own eval loss; --fp32 takes the master weights."""
     if not gather:
         config = json.loads((ROOT / "ds_configs" / "stage3.json").read_text())
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
         (tmp_path / "s3.json").write_text(json.dumps(config))
         extra = ["--deepspeed", str(tmp_path / "s3.json"), "--save_final_model", "false"]
     else:
-        extra = ["--zero_stage", stage]
+        extra = ["--zero_stage", "3"]
     runs = tmp_path / "runs"
-    args = [*CKPT, "--save_steps", "6", "--max_steps", "6", "--report_to", "none", "--eval_strategy", "no",
-            "--eval_dataset_name", "data/test.jsonl", "--max_eval_samples", "64", *extra]
+    args = [*CKPT, "--save_steps", "6", "--max_steps", "6", "--report_to", "none", "--eval_dataset_name",
+            "data/test.jsonl", *extra]
     check_ok(launch(args, runs, nproc=2, launcher="deepspeed"))
-    run = only_run_dir(runs)
     trained = read_summary(runs)["eval_loss"]
-    ckpt = run / "checkpoints" / "checkpoint-6"
+    ckpt = only_run_dir(runs) / "checkpoints" / "checkpoint-6"
     for flags in ([], ["--fp32"]):
         out = tmp_path / f"export{''.join(flags)}"
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(ckpt), "--out", str(out), *flags],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = export_cli(ckpt, out, *flags)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-        evals = tmp_path / f"eval{''.join(flags)}"
-        check_ok(launch(["--eval_only", "--model_name_or_path", str(out), "--eval_dataset_name", "data/test.jsonl",
-                         "--max_eval_samples", "64", "--heldout_eval", "false", "--report_to", "none"], evals))
-        assert read_summary(evals)["eval_loss"] == pytest.approx(trained, rel=1e-3), flags
+        loss = eval_loss_of(out, tmp_path / f"eval{''.join(flags)}")
+        assert loss == pytest.approx(trained, rel=1e-3), flags
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path):
+    export = load_script(ROOT / "scripts" / "export.py")
     empty = tmp_path / "checkpoint-3"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(empty), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and "neither model weights nor DeepSpeed ZeRO shards" in proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(tmp_path / "nope"), "--out",
-                           str(tmp_path / "out2")], capture_output=True, text=True, cwd=ROOT)
+    with pytest.raises(SystemExit) as err:
+        export.main([str(empty), "--out", str(tmp_path / "out")])
+    assert "neither model weights nor DeepSpeed ZeRO shards" in str(err.value)
+    proc = export_cli(tmp_path / "nope", tmp_path / "out2")  # the CLI: an exit code, the message on stderr
     assert proc.returncode != 0 and "is not a folder" in proc.stderr
 
 
-def test_no_secret_in_anything_a_run_writes(tmp_path):
-    """HF_TOKEN, WANDB_API_KEY and any *_TOKEN / *_KEY / *_SECRET variable never reach results/, checkpoints,
-    logs or the W&B config (offline run files included); weights are safetensors; remote code stays off."""
-    secrets = {"HF_TOKEN": "hf_SECRETtokenvalue123456", "WANDB_API_KEY": "wandbSECRETkey0123456789abcdef01234567",
-               "MY_SERVICE_TOKEN": "svcSECRETtoken987", "OPENAI_API_KEY": "sk-SECRETkey42", "HOME": str(tmp_path / "h"),
-               "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = launch([*CKPT, "--save_steps", "3", "--max_steps", "3", "--report_to", "wandb"], tmp_path / "runs",
-                  env=secrets)
-    check_ok(proc)
-    run = only_run_dir(tmp_path / "runs")
-    leaks = []
-    for path in [p for p in run.rglob("*") if p.is_file()]:
-        data = path.read_bytes()
-        leaks += [f"{path.relative_to(run)}: {name}" for name, value in secrets.items()
-                  if name not in ("HOME", "WANDB_MODE", "WANDB_SILENT") and value.encode() in data]
-    for stream in (proc.stdout, proc.stderr):
-        leaks += [f"log: {n}" for n, v in secrets.items() if n.endswith(("TOKEN", "KEY")) and v in stream]
-    assert not leaks, leaks
-    assert list(run.rglob("*.safetensors")) and not list(run.rglob("pytorch_model*.bin"))
-    args = json.loads((run / "args.json").read_text())
-    assert not any(v is True for k, v in _flatten(args) if k.endswith("trust_remote_code"))
+# ── secrets ──────────────────────────────────────────────────────────────────
 
 
 def _flatten(d, prefix=""):
@@ -153,6 +158,28 @@ def _flatten(d, prefix=""):
             yield from _flatten(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+@ZERO2_GROUP
+def test_no_secret_in_anything_a_run_writes(zero2_run):
+    """HF_TOKEN, WANDB_API_KEY and any *_TOKEN / *_KEY / *_SECRET variable never reach results/, checkpoints,
+    logs or the W&B config (offline run files included); weights are safetensors; remote code stays off."""
+    run, proc = zero2_run["dir"], zero2_run["proc"]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files) and any("checkpoints" in p.parts for p in files)  # all were written
+    leaks = []
+    for path in files:
+        data = path.read_bytes()
+        leaks += [f"{path.relative_to(run)}: {name}" for name, value in SECRETS.items() if value.encode() in data]
+    for stream in (proc.stdout, proc.stderr):
+        leaks += [f"log: {n}" for n, v in SECRETS.items() if v in stream]
+    assert not leaks, leaks
+    assert list(run.rglob("*.safetensors")) and not list(run.rglob("pytorch_model*.bin"))
+    args = json.loads((run / "args.json").read_text())
+    assert not any(v is True for k, v in _flatten(args) if k.endswith("trust_remote_code"))
+
+
+# ── one rank dies ────────────────────────────────────────────────────────────
 
 
 def rank_pids(launcher_pid: int, local_rank: int) -> list[int]:
@@ -166,17 +193,19 @@ def rank_pids(launcher_pid: int, local_rank: int) -> list[int]:
         try:
             env = (proc / "environ").read_bytes().split(b"\0")
             stat = (proc / "stat").read_text().split()
+            session = int(stat[5])
+            if session == launcher_pid and f"LOCAL_RANK={local_rank}".encode() in env and b"train_ds.py" in \
+                    (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
         except OSError:
             continue
-        session = int(stat[5])
-        if session == launcher_pid and f"LOCAL_RANK={local_rank}".encode() in env and b"train_ds.py" in \
-                (proc / "cmdline").read_bytes():
-            pids.append(int(proc.name))
     return pids
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill", "raise"])
+@pytest.mark.parametrize("how", [
+    pytest.param("kill", marks=pytest.mark.xdist_group("rank_death")),
+    pytest.param("raise", marks=pytest.mark.slow),
+])
 def test_one_rank_dies_and_the_whole_job_ends_promptly(tmp_path, how):
     """Rank 1 is killed (-9) or raises mid-training: every process exits within a bounded time (not the
     collective timeout), non-zero, with the failing rank's error in the output."""
@@ -212,6 +241,10 @@ def test_one_rank_dies_and_the_whole_job_ends_promptly(tmp_path, how):
         assert "injected fault (RECIPE_FAULT) on rank 1 at step 3" in text, text[-3000:]
 
 
+# ── a nan loss, a full disk ──────────────────────────────────────────────────
+
+
+@pytest.mark.xdist_group("nan")
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     args = [*CKPT, "--save_steps", "4", "--max_steps", "30", "--report_to", "none"]
     proc = launch(args, tmp_path, env={"RECIPE_FAULT": "nan:0:10"})
@@ -223,51 +256,6 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert saved and max(saved) <= 8 and all((run / "checkpoints" / f"checkpoint-{s}" / "checkpoint_complete.json")
                                              .exists() for s in saved)
     assert f"checkpoint-{max(saved)}" in proc.stderr and not (run / "model").exists()
-
-
-def test_an_unwritable_results_dir_is_named(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    proc = launch([*CKPT, "--max_steps", "2", "--report_to", "none"], blocker / "results")
-    assert proc.returncode == 2 and "cannot write the run folder" in proc.stderr and "--results_dir" in proc.stderr
-
-
-def test_out_of_memory_message_says_what_would_fit(monkeypatch):
-    from recipe import estimate as E
-    from recipe.config import parse_args
-
-    train_ds = load_script(ROOT / "train_ds.py")
-    monkeypatch.setattr(E, "run_hardware", lambda: E.Hardware(1, 24, 1, 256, "made-up GPU"))
-    _, targs, margs = parse_args(["--model_name_or_path", str(ROOT / "configs" / "models" / "llama-3.2-1b"),
-                                  "--per_device_train_batch_size", "16", "--max_length", "2048", "--report_to", "none"])
-    text = train_ds.oom_message(targs, margs, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert "out of GPU memory (CUDA out of memory" in text and "micro-batch 16" in text
-    assert "What would fit: --zero_stage" in text and "--zero_stage auto" in text
-
-
-def test_model_and_tokenizer_errors_say_what_to_do(tmp_path, monkeypatch):
-    """A local folder without tokenizer files, a hub id that does not exist (offline here), a gated model."""
-    from recipe.config import ConfigError
-    from recipe.modeling import load_tokenizer, model_error
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = tmp_path / "my-model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ConfigError) as err:
-        load_tokenizer(str(folder))
-    assert "not a loadable model/tokenizer folder" in str(err.value) and "tokenizer files" in str(err.value)
-    with pytest.raises(ConfigError) as err:
-        load_tokenizer("no-such-org/no-such-model-xyz")
-    assert "cannot load 'no-such-org/no-such-model-xyz'" in str(err.value) and "Check the id" in str(err.value)
-    gated = model_error("meta-llama/Llama-3.2-1B", OSError("401 Client Error: gated repo"))
-    assert "is gated" in gated and "HF_TOKEN" in gated
-
-
-def test_resume_from_a_path_that_does_not_exist(tmp_path):
-    proc = launch([*CKPT, "--max_steps", "2", "--report_to", "none", "--resume_from_checkpoint",
-                   str(tmp_path / "checkpoint-99")], tmp_path / "r")
-    assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr and "'last'" in proc.stderr
 
 
 def can_mount_tmpfs() -> bool:
@@ -288,6 +276,7 @@ cp -a "$disk/." "$copy/"
 exit $rc"""
 
 
+@pytest.mark.xdist_group("disk")
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs unshare -rm (user and mount namespaces) to mount a tmpfs")
 def test_a_disk_that_fills_up_during_a_save(tmp_path):
     """A real full disk: results on a 28 MiB tmpfs, where the checkpoint of step 2 (~17 MiB with its optimizer
@@ -316,43 +305,116 @@ def test_a_disk_that_fills_up_during_a_save(tmp_path):
     assert (ckpts / "incomplete-checkpoint-4").is_dir()
 
 
-def test_a_checkpoint_of_another_model_or_method_is_not_resumed(tmp_path):
+# ── bad input: one end to end (the exit code), the rest in process ──────────
+
+
+def test_every_example_longer_than_max_length_is_named(tmp_path):
+    """Through __main__, as a user runs it: found after tokenisation, before training; exit 2, no traceback."""
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "x" * 80 + str(i), "completion": "abc"}) + "\n" for i in range(12)))
+    proc = launch(["--dataset_name", str(rows), "--eval_dataset_name", str(rows), "--max_length", "64",
+                   "--max_steps", "2", "--report_to", "none", "--heldout_eval", "false"], tmp_path / "r")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "none of the 12 train examples has a completion token within --max_length 64" in proc.stderr
+    assert "Raise --max_length" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "r").glob("*/checkpoints/checkpoint-*"))
+
+
+def test_an_unwritable_results_dir_is_named(tmp_path, process):
+    from recipe.config import parse_args
+    from recipe.errors import ConfigError
+
+    train_ds = load_script(ROOT / "train_ds.py")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError) as err:
+        train_ds.prepare_run(*parse_args([*CKPT, "--max_steps", "2", "--report_to", "none", "--results_dir",
+                                          str(blocker / "results")]))
+    assert "cannot write the run folder" in str(err.value) and "--results_dir" in str(err.value)
+
+
+def test_resume_from_a_path_that_does_not_exist(tmp_path):
+    from recipe.checkpoints import resolve_resume
+    from recipe.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        resolve_resume(str(tmp_path / "checkpoint-99"), tmp_path / "r" / "checkpoints")
+    assert "no such checkpoint folder" in str(err.value) and "'last'" in str(err.value)
+
+
+def test_out_of_memory_message_says_what_would_fit(monkeypatch, process):
+    from recipe import estimate as E
+    from recipe.config import parse_args
+    from recipe.preflight import oom_message
+
+    monkeypatch.setattr(E, "run_hardware", lambda: E.Hardware(1, 24, 1, 256, "made-up GPU"))
+    _, targs, margs = parse_args(["--model_name_or_path", str(ROOT / "configs" / "models" / "llama-3.2-1b"),
+                                  "--per_device_train_batch_size", "16", "--max_length", "2048", "--report_to", "none"])
+    text = oom_message(targs, margs, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "out of GPU memory (CUDA out of memory" in text and "micro-batch 16" in text
+    assert "What would fit: --zero_stage" in text and "--zero_stage auto" in text
+
+
+def test_model_and_tokenizer_errors_say_what_to_do(tmp_path, monkeypatch):
+    """A local folder without tokenizer files, a hub id that does not exist (offline here), a gated model."""
+    from recipe.errors import ConfigError
+    from recipe.modeling import load_tokenizer, model_error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer(str(folder))
+    assert "not a loadable model/tokenizer folder" in str(err.value) and "tokenizer files" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer("no-such-org/no-such-model-xyz")
+    assert "cannot load 'no-such-org/no-such-model-xyz'" in str(err.value) and "Check the id" in str(err.value)
+    gated = model_error("meta-llama/Llama-3.2-1B", OSError("401 Client Error: gated repo"))
+    assert "is gated" in gated and "HF_TOKEN" in gated
+
+
+def test_a_checkpoint_of_another_model_or_method_is_not_resumed(tmp_path, process):
     """A LoRA run gets its own folder (run name ..._lora); pointed at a full fine-tune's checkpoint anyway (same
     --run_name, or a path), it stops with what differs instead of failing deep inside DeepSpeed's loader."""
     from types import SimpleNamespace
 
-    from recipe.config import ConfigError, parse_args
-    from recipe.trainer import CheckpointCompleteCallback
+    from recipe.checkpoints import CheckpointCompleteCallback, prepare_resume, what_trains
+    from recipe.config import parse_args
+    from recipe.errors import ConfigError
 
     train_ds = load_script(ROOT / "train_ds.py")
     full, lora = parse_args(["--report_to", "none"]), parse_args(["--use_peft", "true", "--report_to", "none"])
     assert train_ds.run_name_for(*lora) == train_ds.run_name_for(*full) + "_lora"
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
-    CheckpointCompleteCallback(train_ds.what_trains(full[2])).on_save(
+    CheckpointCompleteCallback(what_trains(full[2])).on_save(
         SimpleNamespace(output_dir=str(tmp_path), world_size=1, save_strategy="no"),
         SimpleNamespace(global_step=4, is_world_process_zero=True), None)
-    assert train_ds.resolve_resume(None, str(tmp_path), True, train_ds.what_trains(full[2])) == str(ckpt)
+    plan = prepare_resume(None, tmp_path, what_trains(full[2]), 1, None, True)
+    assert plan is not None and plan.checkpoint == ckpt and not plan.universal
     for value in (None, str(ckpt)):
         with pytest.raises(ConfigError) as err:
-            train_ds.resolve_resume(value, str(tmp_path), True, train_ds.what_trains(lora[2]))
+            prepare_resume(value, tmp_path, what_trains(lora[2]), 1, None, True)
         assert "method 'full' there, 'lora' here" in str(err.value) and "--run_name <new name>" in str(err.value)
-    assert train_ds.resolve_resume("false", str(tmp_path), True, train_ds.what_trains(lora[2])) is None
+    assert prepare_resume("false", tmp_path, what_trains(lora[2]), 1, None, True) is None
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--global_batch_size", "50", "--per_device_train_batch_size", "32"], "is not a multiple of per-device batch"),
     (["--bf16", "true", "--fp16", "true"], "choose one"),
 ])
-def test_argument_conflicts_are_named(argv, message):
-    from recipe.config import ConfigError, parse_args
+def test_argument_conflicts_are_named(argv, message, process):
+    from recipe.config import parse_args
+    from recipe.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         parse_args([*argv, "--report_to", "none"])
     assert message in str(err.value)
 
 
-def test_eval_only_ignores_a_leftover_accelerate_deepspeed_flag(tmp_path):
+def test_eval_only_ignores_a_leftover_accelerate_deepspeed_flag(tmp_path, process):
     """`accelerate launch --use_deepspeed` (or an earlier Accelerator) leaves ACCELERATE_USE_DEEPSPEED=true;
     --eval_only must still evaluate without DeepSpeed."""
     from recipe.config import parse_args
@@ -365,22 +427,13 @@ def test_eval_only_ignores_a_leftover_accelerate_deepspeed_flag(tmp_path):
     assert args.deepspeed is None and args.deepspeed_plugin is None
 
 
-def test_every_example_longer_than_max_length_is_named(tmp_path):
-    rows = tmp_path / "long.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": "x" * 80 + str(i), "completion": "abc"}) + "\n" for i in range(12)))
-    proc = launch(["--dataset_name", str(rows), "--eval_dataset_name", str(rows), "--max_length", "64",
-                   "--max_steps", "2", "--report_to", "none", "--heldout_eval", "false"], tmp_path / "r")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "none of the 12 train examples has a completion token within --max_length 64" in proc.stderr
-    assert "Raise --max_length" in proc.stderr
-
-
-def test_a_busy_master_port_is_named(monkeypatch):
+def test_a_busy_master_port_is_named(monkeypatch, process):
     import socket
 
     import torch.distributed
 
-    from recipe.config import ConfigError, parse_args
+    from recipe.config import parse_args
+    from recipe.errors import ConfigError
 
     # an earlier in-process test may have set up torch.distributed here, which the check rightly skips
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
@@ -395,17 +448,3 @@ def test_a_busy_master_port_is_named(monkeypatch):
             parse_args(["--report_to", "none"])
     assert f"MASTER_PORT {port} is already in use" in str(err.value)
     assert "--master_port" in str(err.value)
-
-
-def test_wandb_unreachable_while_logged_in_goes_offline(tmp_path):
-    from conftest import free_port
-
-    env = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567", "WANDB_SILENT": "true",
-           "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}
-    proc = launch(["--max_steps", "2", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
-                   "--heldout_eval", "false", "--report_to", "wandb"], tmp_path, env=env, timeout=300)
-    check_ok(proc)
-    assert "does not answer" in proc.stderr and "logging offline" in proc.stderr
-    run_dir = only_run_dir(tmp_path)
-    assert read_summary(tmp_path)["wandb"] == "offline"
-    assert list((run_dir / "wandb").glob("**/offline-run-*"))

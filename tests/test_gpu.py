@@ -8,9 +8,9 @@ import math
 import pytest
 
 from conftest import ROOT, check_ok, launch, only_run_dir, read_summary, train_losses
-from recipe.config import aio_available
+from recipe.ds_config import aio_available
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.xdist_group("gpu")]  # one worker: the GPUs are shared
 CONFIGS = ["0", "1", "2", "3", "2_offload", "3_offload", "3_nvme"]
 STEPS = ["--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
          "--heldout_max_samples", "8", "--seed", "0"]

@@ -330,6 +330,7 @@ def test_hostfile_over_ssh_trains_like_one_node_and_carries_the_environment(tmp_
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.xdist_group("gpu")
 def test_two_nodes_of_one_gpu_train_like_one_node_of_two_gpus(tmp_path):
     """On a 2-GPU host: two train.sh launchers without ssh, node 0 on GPU 0 and node 1 on GPU 1 (NCCL between them),
     against `train.sh --num_gpus 2`: the same losses (bf16; the same two ranks, only the launch differs)."""

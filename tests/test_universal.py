@@ -1,12 +1,15 @@
 """Resume on a different number of processes (DeepSpeed universal checkpoint, recipe/universal.py).
 
-The slow test trains 2 processes for 6 steps (checkpoints at 3 and 6) once per ZeRO config, then reruns the same
-command from checkpoint-3 (a) on 2 processes (the normal resume) and (b) on 1 process (converted to a universal
-checkpoint): the losses of steps 4-6 must match each other and the uninterrupted run. The global batch stays 4
+Default run: the shared 2-process ZeRO-2 run (conftest.zero2_run: 12 steps, checkpoints at 4, 8, 12, the shipped
+stage-2 config, DeepSpeed's AdamW in one param group) is resumed from checkpoint-8 on 1 process
+(conftest.cut_and_resumed_on_one: its checkpoint-12 cut off mid-save first) and on 2 (conftest.killed_and_rerun, the
+normal resume): the losses of steps 9-12 must match each other and the uninterrupted run. The global batch stays 4
 (--global_batch_size: 2 processes x micro 2 x accumulation 1 = 1 process x micro 2 x accumulation 2).
-Configs: the shipped ones (DeepSpeed's AdamW, one param group), and stage 3 without a DeepSpeed optimizer (the
-Trainer's torch AdamW: a weight-decay and a no-decay group, step counters as tensors), where DeepSpeed's ZeRO-3
-universal loader, unrepaired, decays the no-decay group and miscounts Adam's steps.
+
+`-m slow`: stage 3 without a DeepSpeed optimizer (the Trainer's torch AdamW: a weight-decay and a no-decay group,
+step counters as tensors), where DeepSpeed's ZeRO-3 universal loader, unrepaired, decays the no-decay group and
+miscounts Adam's steps; trained 6 steps on 2 processes (checkpoints at 3 and 6), resumed from checkpoint-3 on 2 and
+on 1. RECIPE_UNIVERSAL_CONFIGS=stage0,stage1,stage2,stage3,stage3_torch_adamw runs more configs that way.
 """
 
 from __future__ import annotations
@@ -14,48 +17,67 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
-from conftest import ROOT, check_ok, command, only_run_dir
+from conftest import ROOT, ZERO2_GROUP, ZERO2_SAVE, ZERO2_STEPS, check_ok, finish, logged, only_run_dir, start
 
+# fp32 on CPU: the 1-process losses after resuming equal the 2-process ones to the last logged digit (measured
+# 0.0 relative); without the ZeRO-3 repairs they are off by ~4e-4 two steps after resuming
+REL = 1e-5
+
+
+def check_resumed_on_fewer(base, same, fewer, proc1, save: int, steps: int, stage0: bool = False) -> list[float]:
+    """A run resumed from checkpoint-`save` on 1 process (`fewer`) against the same checkpoint resumed on 2 (`same`)
+    and the uninterrupted 2-process run (`base`). The relative loss differences, steps save+1..steps."""
+    check_ok(proc1)
+    ckpt = fewer / "checkpoints" / f"checkpoint-{save}"
+    if stage0:  # the optimizer state is whole: the normal resume on any count
+        assert "a stage-0 checkpoint holds the whole optimizer state" in proc1.stdout + proc1.stderr
+        assert not (ckpt / "latest_universal").exists()
+    else:
+        assert "resuming through DeepSpeed's universal checkpoint" in proc1.stdout + proc1.stderr
+        assert (ckpt / f"global_step{save}_universal" / "universal_conversion.json").is_file()
+        assert (ckpt / "latest_universal").read_text().strip() == f"global_step{save}_universal"
+    base_log, same_log, fewer_log = logged(base), logged(same), logged(fewer)
+    assert sorted(fewer_log) == sorted(same_log) == list(range(1, steps + 1))  # one curve: the global step continued
+    summary = json.loads((fewer / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["global_step"] == steps
+    assert summary["resumed_from"].endswith(f"checkpoint-{save}")
+    diffs = []
+    for step in range(save + 1, steps + 1):
+        for ref in (same_log, base_log):
+            assert fewer_log[step]["loss"] == pytest.approx(ref[step]["loss"], rel=REL), (step, fewer_log[step],
+                                                                                          ref[step])
+            assert fewer_log[step]["learning_rate"] == pytest.approx(ref[step]["learning_rate"], rel=1e-9)
+        diffs.append(abs(fewer_log[step]["loss"] - same_log[step]["loss"]) / same_log[step]["loss"])
+    # what the 1-process run saved after resuming is an ordinary 1-process checkpoint
+    saved = fewer / "checkpoints" / f"checkpoint-{steps}"
+    assert json.loads((saved / "checkpoint_complete.json").read_text())["world_size"] == 1
+    assert len(list((saved / f"global_step{steps}").glob("*optim_states.pt"))) == (not stage0)
+    return diffs
+
+
+@ZERO2_GROUP
+def test_zero2_resumed_on_fewer_processes_matches_continuing(zero2_run, killed_and_rerun, cut_and_resumed_on_one):
+    same = killed_and_rerun["proc"]
+    check_ok(same)
+    assert "universal checkpoint" not in same.stdout + same.stderr  # the same count: the normal resume
+    resumed_from = json.loads((killed_and_rerun["dir"] / "summary.json").read_text())["resumed_from"]
+    diffs = check_resumed_on_fewer(zero2_run["dir"], killed_and_rerun["dir"], cut_and_resumed_on_one["dir"],
+                                   cut_and_resumed_on_one["proc"], ZERO2_STEPS - ZERO2_SAVE, ZERO2_STEPS)
+    print(f"stage2: relative loss difference, 1 vs 2 processes (the 2-process resume from {resumed_from}), "
+          f"steps {ZERO2_STEPS - ZERO2_SAVE + 1}-{ZERO2_STEPS}: {diffs}")
+
+
+# ── -m slow: other configs, each trained and resumed on 2 and on 1 ───────────
 STEPS, SAVE = 6, 3
 ARGS = ["--max_steps", str(STEPS), "--save_steps", str(SAVE), "--save_strategy", "steps", "--logging_steps", "1",
         "--global_batch_size", "4", "--per_device_train_batch_size", "2", "--weight_decay", "0.1",
         "--max_train_samples", "512", "--eval_strategy", "no", "--eval_dataset_name", "none", "--eval_split_ratio", "0",
         "--heldout_eval", "false", "--save_final_model", "false", "--report_to", "none"]
-# fp32 on CPU: the 1-process losses after resuming equal the 2-process ones to the last logged digit (measured
-# 0.0 relative); without the ZeRO-3 repairs they are off by ~4e-4 two steps after resuming
-REL = 1e-5
-# stage2.json (shipped) and stage 3 with the Trainer's torch AdamW (the ZeRO-3 repairs) by default: 14 processes,
-# ~20 s CPU of imports each, 4-10 min on 2 shared cores;
-# RECIPE_UNIVERSAL_CONFIGS=stage0,stage1,stage2,stage3,stage3_torch_adamw runs more (side by side: needs the cores)
-CONFIGS = os.environ.get("RECIPE_UNIVERSAL_CONFIGS", "stage2,stage3_torch_adamw").split(",")
-
-
-def logged(run_dir) -> dict[int, dict]:
-    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
-    return {r["step"]: r for r in state["log_history"] if "loss" in r}
-
-
-def start(args, results_dir, nproc, env=None):
-    cmd, env = command(args, results_dir, nproc=nproc, launcher="deepspeed" if nproc > 1 else "python", env=env)
-    results_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = (results_dir.parent / f"{results_dir.name}.log").open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log
-
-
-def finish(job, timeout=900) -> subprocess.CompletedProcess:
-    proc, log = job
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = open(log.name).read()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, text, text)
+# 6 processes a config, ~20 s CPU of imports each; side by side they need the cores
+CONFIGS = os.environ.get("RECIPE_UNIVERSAL_CONFIGS", "stage3_torch_adamw").split(",")
 
 
 def config_args(name: str, folder) -> list[str]:
@@ -70,23 +92,23 @@ def config_args(name: str, folder) -> list[str]:
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """Per config: the uninterrupted 2-process run, then its checkpoint-3 resumed on 2 and on 1 process(es) by
-    rerunning the same command. The configs run side by side (each phase's jobs at once): 2 cores, short test."""
+    rerunning the same command. The configs run side by side (each phase's jobs at once)."""
     configs = tmp_path_factory.mktemp("configs")
     args = {name: [*ARGS, *config_args(name, configs)] for name in CONFIGS}
-    base = {name: tmp_path_factory.mktemp(f"base_{name}") for name in CONFIGS}
-    jobs = {name: start(args[name], base[name], 2) for name in CONFIGS}
-    for proc in [finish(job) for job in jobs.values()]:
+    base = {name: tmp_path_factory.mktemp(f"base_{name}") / "results" for name in CONFIGS}
+    jobs = {name: start(args[name], base[name], 2, "deepspeed") for name in CONFIGS}
+    for proc in [finish(job, timeout=900) for job in jobs.values()]:
         check_ok(proc)
     runs, jobs = {}, {}
     for name in CONFIGS:
         for nproc in (2, 1):
             # a copy of the run folder whose newest checkpoint is checkpoint-3; the same command, nproc processes
-            results = tmp_path_factory.mktemp(f"{name}_on{nproc}")
+            results = tmp_path_factory.mktemp(f"{name}_on{nproc}") / "results"
             runs[name, nproc] = results / only_run_dir(base[name]).name
             shutil.copytree(only_run_dir(base[name]), runs[name, nproc])
             shutil.rmtree(runs[name, nproc] / "checkpoints" / f"checkpoint-{STEPS}")
-            jobs[name, nproc] = start(args[name], results, nproc)
-    procs = {key: finish(job) for key, job in jobs.items()}
+            jobs[name, nproc] = start(args[name], results, nproc, "deepspeed" if nproc > 1 else "python")
+    procs = {key: finish(job, timeout=900) for key, job in jobs.items()}
     return {name: {"base": only_run_dir(base[name]), 2: runs[name, 2], 1: runs[name, 1],
                    "proc2": procs[name, 2], "proc1": procs[name, 1]} for name in CONFIGS}
 
@@ -104,33 +126,11 @@ def optimizer_state(checkpoint) -> dict:
 def test_resume_on_fewer_processes_matches_continuing(resumed, config):
     r = resumed[config]
     check_ok(r["proc2"])
-    check_ok(r["proc1"])
     assert "universal checkpoint" not in r["proc2"].stdout  # the same count: the normal resume
-    ckpt = r[1] / "checkpoints" / f"checkpoint-{SAVE}"
-    if config == "stage0":  # the optimizer state is whole: the normal resume on any count
-        assert "a stage-0 checkpoint holds the whole optimizer state" in r["proc1"].stdout
-        assert not (ckpt / "latest_universal").exists()
-    else:
-        assert "resuming through DeepSpeed's universal checkpoint" in r["proc1"].stdout
-        assert (ckpt / f"global_step{SAVE}_universal" / "universal_conversion.json").is_file()
-        assert (ckpt / "latest_universal").read_text().strip() == f"global_step{SAVE}_universal"
-    base, same, fewer = logged(r["base"]), logged(r[2]), logged(r[1])
-    assert sorted(fewer) == sorted(same) == list(range(1, STEPS + 1))  # one curve: the global step continued
-    summary = json.loads((r[1] / "summary.json").read_text())
-    assert summary["world_size"] == 1 and summary["global_step"] == STEPS
-    assert summary["resumed_from"].endswith(f"checkpoint-{SAVE}")
-    diffs = []
-    for step in range(SAVE + 1, STEPS + 1):
-        for ref in (same, base):
-            assert fewer[step]["loss"] == pytest.approx(ref[step]["loss"], rel=REL), (step, fewer[step], ref[step])
-            assert fewer[step]["learning_rate"] == pytest.approx(ref[step]["learning_rate"], rel=1e-9)
-        diffs.append(abs(fewer[step]["loss"] - same[step]["loss"]) / same[step]["loss"])
+    diffs = check_resumed_on_fewer(r["base"], r[2], r[1], r["proc1"], SAVE, STEPS, stage0=config == "stage0")
     print(f"{config}: relative loss difference, 1 vs 2 processes, steps {SAVE + 1}-{STEPS}: {diffs}")
-    # what the 1-process run saved after resuming is an ordinary 1-process checkpoint
-    saved = r[1] / "checkpoints" / f"checkpoint-{STEPS}"
-    assert json.loads((saved / "checkpoint_complete.json").read_text())["world_size"] == 1
-    assert len(list((saved / f"global_step{STEPS}").glob("*optim_states.pt"))) == (config != "stage0")
     if config == "stage3_torch_adamw":  # each group its own weight decay, each state its own step count
+        saved = r[1] / "checkpoints" / f"checkpoint-{STEPS}"
         want, got = optimizer_state(r["base"] / "checkpoints" / f"checkpoint-{STEPS}"), optimizer_state(saved)
         assert [g["weight_decay"] for g in got["param_groups"]] == [g["weight_decay"] for g in want["param_groups"]] \
             == [0.1, 0.0]
@@ -141,7 +141,7 @@ def test_resume_on_fewer_processes_matches_continuing(resumed, config):
 
 
 def fake_checkpoint(path, world: int | None, stage: int, marker_world: int | None = None, step: int = 5):
-    from recipe.trainer import COMPLETE_MARKER
+    from recipe.checkpoints import COMPLETE_MARKER
 
     path.mkdir(parents=True)
     tag = path / f"global_step{step}"
@@ -158,7 +158,7 @@ def fake_checkpoint(path, world: int | None, stage: int, marker_world: int | Non
 
 
 def test_world_size_and_stage_of_a_checkpoint(tmp_path):
-    from recipe.universal import saved_world_size, saved_zero_stage
+    from recipe.checkpoints import saved_world_size, saved_zero_stage
 
     two = fake_checkpoint(tmp_path / "a", 2, 2)
     assert saved_world_size(two) == 2 and saved_zero_stage(two) == 2
@@ -181,22 +181,27 @@ def test_world_size_and_stage_of_a_checkpoint(tmp_path):
 
 
 def test_resume_plan(tmp_path):
-    from recipe.config import ConfigError
-    from recipe.universal import plan_resume
+    from recipe.checkpoints import plan_resume
+    from recipe.ds_config import DsConfig
+    from recipe.errors import ConfigError
+
+    def ds(stage: int, **zero) -> DsConfig:
+        return DsConfig({"zero_optimization": {"stage": stage, **zero}})
 
     ckpt = fake_checkpoint(tmp_path / "checkpoint-5", 2, 2)
-    assert not plan_resume(ckpt, 2, 2).universal  # same count: the normal resume
-    plan = plan_resume(ckpt, 1, 2)
+    assert not plan_resume(ckpt, 2, ds(2)).universal  # same count: the normal resume
+    plan = plan_resume(ckpt, 1, ds(2))
     assert plan.universal and plan.saved_world_size == 2
     assert plan.universal_dir == ckpt / "global_step5_universal"
-    with pytest.raises(ConfigError, match="ZeRO stage 0"):
-        plan_resume(ckpt, 1, 0)
-    nvme = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    for stage0 in (ds(0), None):
+        with pytest.raises(ConfigError, match="ZeRO stage 0"):
+            plan_resume(ckpt, 1, stage0)
+    nvme = ds(3, offload_optimizer={"device": "nvme"})
     with pytest.raises(ConfigError, match="NVMe"):
-        plan_resume(ckpt, 4, 3, nvme)
-    assert not plan_resume(ckpt, 2, 3, nvme).universal
+        plan_resume(ckpt, 4, nvme)
+    assert not plan_resume(ckpt, 2, nvme).universal
     stage0 = fake_checkpoint(tmp_path / "checkpoint-6", None, 0, marker_world=2, step=6)
-    assert not plan_resume(stage0, 1, 0).universal  # whole optimizer state: loads on any count
+    assert not plan_resume(stage0, 1, ds(0)).universal  # whole optimizer state: loads on any count
 
 
 def test_load_universal_is_set_and_removed():
@@ -252,6 +257,7 @@ GPU_REL = 2e-3
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.xdist_group("gpu")
 @pytest.mark.parametrize("stage,saved,resumed", [("2", 4, 2), ("3", 4, 2), ("3", 2, 4), ("2", 2, 1)],
                          ids=["stage2-4to2", "stage3-4to2", "stage3-2to4", "stage2-2to1"])
 def test_resume_on_another_gpu_count_matches_continuing(tmp_path, stage, saved, resumed):
@@ -262,12 +268,12 @@ def test_resume_on_another_gpu_count_matches_continuing(tmp_path, stage, saved, 
     args = [*GPU_ARGS, "--zero_stage", stage]
     env = {"NCCL_NVLS_ENABLE": "0"}
     base = tmp_path / "base"
-    check_ok(finish(start(args, base, saved, env)))
+    check_ok(finish(start(args, base, saved, "deepspeed" if saved > 1 else "python", env), timeout=900))
     results = tmp_path / "resumed"
     run = results / only_run_dir(base).name
     shutil.copytree(only_run_dir(base), run)
     shutil.rmtree(run / "checkpoints" / f"checkpoint-{GPU_STEPS}")
-    proc = finish(start(args, results, resumed, env))
+    proc = finish(start(args, results, resumed, "deepspeed" if resumed > 1 else "python", env), timeout=900)
     check_ok(proc)
     assert "resuming through DeepSpeed's universal checkpoint" in proc.stdout
     summary = json.loads((run / "summary.json").read_text())
