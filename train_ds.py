@@ -131,7 +131,18 @@ def build_data(script_args, training_args, tokenizer):
 def build_model(script_args, training_args, model_args, run: Run, tokenizer):
     from recipe import metrics, modeling, speed
 
+    if training_args.speed["varlen_attention"]:
+        if model_args.attn_implementation is None:
+            from recipe import attention
+
+            model_args.attn_implementation = attention.register()
+        else:  # the user's choice stands; the summary says what ran
+            training_args.speed["varlen_attention"] = False
     model = modeling.load_model(model_args, training_args, tokenizer, random_init=script_args.random_init)
+    if training_args.fp8:  # before the layers compile, so the casts fuse into them
+        from recipe import fp8
+
+        fp8.convert(model, training_args.fp8_recipe)
     speed.apply_speed(model, training_args.speed)
     if model_args.use_peft:
         modeling.check_lora_targets(model, model_args.lora_target_modules)
@@ -255,6 +266,7 @@ def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer,
         "max_length": training_args.max_length,
         "rope_scaling": model_args.rope_scaling,
         "packing": training_args.packing,
+        "fp8": training_args.fp8_recipe if training_args.fp8 else None,
         **training_args.speed,
         "token_metrics": training_args.token_metrics,
         "loss_type": training_args.loss_type,

@@ -151,6 +151,22 @@ class TrainConfig(SFTConfig):
         metadata={"help": "Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are not compiled.",
                   "choices": ["auto", "true", "false"]},
     )
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "Float8 matmuls for the decoder's linear layers (torchao; GPUs with FP8 tensor cores: Ada, "
+                          "Hopper and later). The LM head, embedding, weights and optimizer states stay as they are."},
+    )
+    fp8_recipe: str = field(
+        default="tensorwise",
+        metadata={"help": "torchao's float8 scaling with --fp8: tensorwise (fastest), rowwise, rowwise_with_gw_hp "
+                          "(most accurate).", "choices": ["tensorwise", "rowwise", "rowwise_with_gw_hp"]},
+    )
+    varlen_attention: str = field(
+        default="auto",
+        metadata={"help": "Packed rows through PyTorch's variable-length flash attention (no seq x seq mask). "
+                          "auto: on with CUDA when rows are packed and --attn_implementation is not set.",
+                  "choices": ["auto", "true", "false"]},
+    )
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Log TRL's mean token accuracy and entropy (with --fused_loss trl); costs a host sync "
@@ -260,9 +276,16 @@ class TrainConfig(SFTConfig):
             problems += errors
             for warning in warnings if os.environ.get("RANK", "0") == "0" else []:
                 logger.warning(warning)
+        padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")))
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
-                                                   self.ds.stage if self.ds else None, cuda)
+                                                   self.ds.stage if self.ds else None, cuda,
+                                                   varlen_attention=self.varlen_attention, padding_free=padding_free)
         problems += speed_problems
+        if self.fp8:
+            from recipe.fp8 import fp8_problems
+
+            problems += fp8_problems(self.fp8_recipe, cuda=cuda, bf16=self.bf16, fp16=self.fp16,
+                                     capability=torch.cuda.get_device_capability() if cuda else None)
         problems += loss_option_problems(self)
         if problems:
             raise ConfigError(problems)
@@ -506,6 +529,9 @@ class RecipeParser(TrlParser):
             EXPLICIT.reset(token)
         if ModelArguments in built and TrainConfig in built:
             problems += position_problems(built[TrainConfig], built[ModelArguments])
+            if built[TrainConfig].fp8 and any(getattr(built[ModelArguments], f, False) for f in QUANT_FLAGS):
+                problems.append("--fp8 with --load_in_4bit/--load_in_8bit: the base weights are already quantized; "
+                                "drop one.")
         if problems:
             raise ConfigError(problems)
         out = tuple(built[d] for d in self.dataclass_types)

@@ -42,6 +42,17 @@ class NoCudaRuntimeOnCpu(logging.Filter):
         return not (isinstance(record.msg, str) and record.msg.startswith("No CUDA runtime is found"))
 
 
+class TorchaoEnumConstants(logging.Filter):
+    """transformers imports torchao at start-up wherever it is installed (quantizers/auto.py), and torchao 0.18
+    registers its enums as pytree constants (torchao/utils.py register_as_pytree_constant), which torch 2.10+ answers
+    with "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile ...": a
+    deprecation notice for torchao's maintainers, printed on every run. Other pytree warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and "is an Enum subclass and is now natively supported" in
+                    record.getMessage())
+
+
 def _add_filter(logger_name: str, kind: type[logging.Filter]) -> None:
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, kind) for f in logger.filters):
@@ -54,6 +65,7 @@ def quiet_libraries(cuda: bool | None = None, environ=os.environ) -> None:
         logging.getLogger(name).setLevel(level)
     _add_filter("liger_kernel.backends.registry", OptionalLigerBackends)
     _add_filter("torch.utils.cpp_extension", NoCudaRuntimeOnCpu)
+    _add_filter("torch.utils._pytree", TorchaoEnumConstants)
     if cuda is False:
         # DeepSpeed otherwise probes for accelerators and warns "Setting accelerator to CPU. If you have GPU ...";
         # told up front it says nothing (deepspeed/accelerator/real_accelerator.py)

@@ -11,6 +11,9 @@ Each is a flag (TrainConfig) with "auto" choosing the fast option where it is kn
   parameter hooks inside a layer split the graph).
 - liger_kernels: Liger's RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA where layers are not
   compiled (compiled layers fuse these themselves).
+- varlen_attention: packed rows (--packing, padding-free) through PyTorch's variable-length flash
+  attention (recipe.attention) instead of SDPA with a materialised block mask. auto: on with CUDA
+  when rows are packed and --attn_implementation is not set.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def liger_available() -> bool:
 
 
 def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero_stage: int | None,
-                  cuda: bool, liger: bool | None = None) -> tuple[dict, list[str]]:
+                  cuda: bool, liger: bool | None = None, varlen_attention: str = "auto",
+                  padding_free: bool = False, varlen: bool | None = None) -> tuple[dict, list[str]]:
     """Decide the speed options from the flags and the hardware: (choices, problems)."""
     liger = liger_available() if liger is None else liger
     problems = []
@@ -47,7 +51,20 @@ def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero
     liger_on = liger_kernels == "true" or (liger_kernels == "auto" and cuda and liger and not compile_on)
     if liger_kernels == "true" and not (cuda and liger):
         problems.append("--liger_kernels true needs liger-kernel and a CUDA GPU: use --liger_kernels false.")
-    return {"fused_loss": fused_loss, "compile_layers": compile_on, "liger_kernels": liger_on}, problems
+    if varlen is None:
+        from recipe.attention import varlen_kernel
+
+        varlen = varlen_kernel() is not None
+    varlen_on = varlen_attention == "true" or (varlen_attention == "auto" and cuda and varlen and padding_free)
+    if varlen_attention == "true":
+        if not (cuda and varlen):
+            problems.append("--varlen_attention true needs a CUDA GPU and a torch with "
+                            "torch.nn.attention.varlen (2.10 or later): use --varlen_attention false.")
+        elif not padding_free:
+            problems.append("--varlen_attention true works on packed rows only: add --packing true (or "
+                            "--padding_free true), or use --varlen_attention auto.")
+    return {"fused_loss": fused_loss, "compile_layers": compile_on, "liger_kernels": liger_on,
+            "varlen_attention": varlen_on}, problems
 
 
 def apply_speed(model, choices: dict) -> None:

@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--logging_steps", type=int, default=5)
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="rows of other lengths are padded to it (the guides' padding='max_length')")
     parser.add_argument("--run_dir", required=True)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = parser.parse_args()
@@ -56,7 +58,15 @@ def main() -> None:
         deepspeed=COMMON_ZERO2, report_to="none", save_strategy="no", use_cpu=not cuda, seed=0,
     )
     data = load_dataset("parquet", data_files=args.data, split="train")
-    data = data.map(lambda row: {"labels": row["input_ids"]})
+    pad_to = args.max_length or max(len(ids) for ids in data["input_ids"])
+
+    def pad(row):  # the guides' tokenizer(..., padding="max_length", truncation=True); labels -100 on padding
+        ids = row["input_ids"][:pad_to]
+        fill = pad_to - len(ids)
+        return {"input_ids": ids + [0] * fill, "attention_mask": [1] * len(ids) + [0] * fill,
+                "labels": ids + [-100] * fill}
+
+    data = data.map(pad)
     data.set_format("torch")
     config = AutoConfig.from_pretrained(args.model)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"

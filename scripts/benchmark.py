@@ -9,8 +9,16 @@ table), results.png (the chart), results.json (one row per run) and logs/.
         --batch_sizes 4,8,16 --baseline
     uv run python scripts/benchmark.py --gpus 1,2,4 --stages 2,3 --batch_sizes 8   # scaling
     uv run python scripts/benchmark.py --variant eager="--compile_layers false" --stages 2 --gpus 1
+    uv run python scripts/benchmark.py --lengths chat --baseline --variant packed="--packing true" \
+        --variant padded="--packing false"   # real lengths: effective (non-pad) tokens/s
+    uv run python scripts/benchmark.py --tokens markov --max_steps 200 --variant bf16="" --variant fp8="--fp8 true" \
+        --loss_reference bf16   # FP8 against bf16: loss curves on learnable tokens, losses.png
 
-Throughput numbers are the means over logging intervals after the first (compilation, warm-up).
+Throughput numbers are the means over logging intervals after the first (compilation, warm-up). Tokens are
+real tokens (the meter counts the attention mask, or the packed position_ids), never padding.
+--lengths chat draws row lengths from a long-tailed chat distribution (log-normal, median 300 tokens, sigma 1:
+mean ~500, 1 in 200 rows past 4K, clipped to --seq_len); the baseline pads every row to --seq_len as the guides'
+`padding="max_length"` does, ours pads each batch to its longest row or packs (--packing true).
 """
 
 from __future__ import annotations
@@ -38,6 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--gpus", default="1", help="comma list of GPU counts")
     p.add_argument("--batch_sizes", default="8", help="comma list of per-GPU micro-batch sizes")
     p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--lengths", choices=["fixed", "chat"], default="fixed",
+                   help="fixed: every row --seq_len tokens; chat: long-tailed real lengths (median 300)")
+    p.add_argument("--tokens", choices=["random", "markov"], default="random",
+                   help="random: uniform ids (speed only); markov: a fixed random chain (4 successors per token over "
+                        "8192 ids, entropy ln 4), learnable, for loss curves")
+    p.add_argument("--loss_reference", default=None, metavar="VARIANT",
+                   help="compare every row's loss curve with this variant's at the same stage and batch: the largest "
+                        "relative gap after --loss_warmup steps, and losses.png")
+    p.add_argument("--loss_warmup", type=int, default=20)
+    p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--max_steps", type=int, default=30)
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--baseline", action="store_true", help="add the common recipe (HF Trainer + ZeRO-2 JSON)")
@@ -63,8 +81,46 @@ def gpu_name() -> tuple[str, int]:
     return torch.cuda.get_device_name(), torch.cuda.device_count()
 
 
-def make_data(path: Path, rows: int, seq_len: int, vocab: int) -> None:
-    """Random token ids, a fixed length: the speed benchmark needs no text."""
+CHAT_MEDIAN, CHAT_SIGMA, CHAT_MIN = 300, 1.0, 16
+
+
+def chat_lengths(rows: int, seq_len: int, seed: int = 0):
+    """Row lengths of a long-tailed chat distribution: log-normal, median 300 tokens, clipped to [16, seq_len]."""
+    import numpy as np
+
+    lengths = np.random.default_rng(seed).lognormal(np.log(CHAT_MEDIAN), CHAT_SIGMA, size=rows)
+    return np.clip(lengths.round(), CHAT_MIN, seq_len).astype(np.int64)
+
+
+def rows_for(tokens: int, batch_rows: int, seq_len: int, lengths: str) -> int:
+    """Rows enough for `batch_rows` unpacked rows per step and, packed, `tokens` (steps x batch x seq_len)."""
+    if lengths == "fixed":
+        return batch_rows
+    mean = float(chat_lengths(4096, seq_len).mean())
+    return max(batch_rows, int(1.25 * tokens / mean) + 1)
+
+
+MARKOV_STATES, MARKOV_SUCCESSORS = 8192, 4
+
+
+def markov_rows(lengths, vocab: int, seed: int = 0) -> list:
+    """Rows of a fixed random Markov chain: each of MARKOV_STATES ids (spread over the vocabulary) has
+    MARKOV_SUCCESSORS equally likely successors. Learnable (the best loss is ln 4 = 1.39), unlike uniform ids."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    states = rng.choice(vocab, size=min(MARKOV_STATES, vocab), replace=False)
+    successors = rng.integers(0, len(states), size=(len(states), MARKOV_SUCCESSORS))
+    lengths = list(lengths)
+    path = np.empty((len(lengths), max(lengths)), dtype=np.int64)
+    path[:, 0] = rng.integers(0, len(states), size=len(lengths))
+    for i in range(1, path.shape[1]):  # all rows a step at a time
+        path[:, i] = successors[path[:, i - 1], rng.integers(0, MARKOV_SUCCESSORS, size=len(lengths))]
+    return [states[row[:n]] for row, n in zip(path, lengths)]
+
+
+def make_data(path: Path, rows: int, seq_len: int, vocab: int, lengths: str = "fixed", tokens: str = "random") -> None:
+    """Token ids, fixed or chat-like lengths, uniform or a learnable chain: the benchmark needs no text."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -72,8 +128,58 @@ def make_data(path: Path, rows: int, seq_len: int, vocab: int) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    ids = np.random.default_rng(0).integers(0, vocab, size=(rows, seq_len), dtype=np.int64)
-    pq.write_table(pa.table({"input_ids": list(ids)}), path)
+    rng = np.random.default_rng(0)
+    sizes = [seq_len] * rows if lengths == "fixed" else list(chat_lengths(rows, seq_len))
+    if tokens == "markov":
+        ids = markov_rows(sizes, vocab)
+    elif lengths == "fixed":
+        ids = list(rng.integers(0, vocab, size=(rows, seq_len), dtype=np.int64))
+    else:
+        ids = [rng.integers(0, vocab, size=n, dtype=np.int64) for n in sizes]
+    pq.write_table(pa.table({"input_ids": ids}), path)
+
+
+def loss_curve(run_dir: Path) -> list:
+    """[(step, loss)] from the run's trainer_state.json (train_ds.py and the baseline both save one)."""
+    for state in sorted(run_dir.rglob("trainer_state.json")):
+        return [(r["step"], r["loss"]) for r in json.loads(state.read_text())["log_history"] if "loss" in r]
+    return []
+
+
+def add_loss_gaps(rows: list[dict], reference: str, warmup: int) -> None:
+    """loss_gap_vs_reference: the largest |loss - reference loss| / reference loss over the steps both logged after
+    `warmup`, against the reference variant's row at the same ZeRO stage, GPU count and batch."""
+    refs = {(r["zero_stage"], r["num_gpus"], r["batch_size"]): dict(map(tuple, r.get("loss_curve") or []))
+            for r in rows if r["variant"] == reference}
+    for r in rows:
+        ref = refs.get((r["zero_stage"], r["num_gpus"], r["batch_size"]))
+        gaps = [abs(loss - ref[step]) / abs(ref[step]) for step, loss in r.get("loss_curve") or []
+                if ref and step > warmup and step in ref]
+        r["loss_gap_vs_reference"] = max(gaps) if gaps and r["variant"] != reference else None
+
+
+def write_loss_chart(rows: list[dict], path: Path, title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in rows if r.get("loss_curve")]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in curves:
+        steps, losses = zip(*r["loss_curve"])
+        gap = r.get("loss_gap_vs_reference")
+        ax.plot(steps, losses, label=r["name"] + (f" (max gap {100 * gap:.2f}%)" if gap is not None else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def ours_cmd(model: Path, data: Path, stage: str, gpus: int, batch: int, a, run_dir: Path, extra: list[str]):
@@ -82,7 +188,7 @@ def ours_cmd(model: Path, data: Path, stage: str, gpus: int, batch: int, a, run_
             "--dataset_name", str(data), "--eval_split_ratio", "0", "--eval_strategy", "no",
             *([] if "--deepspeed" in extra else ["--zero_stage", stage]), "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
             "--max_length", str(a.seq_len), "--max_steps", str(a.max_steps), "--logging_steps", str(a.logging_steps),
-            "--learning_rate", "1e-5", "--save_strategy", "no", "--save_final_model", "false",
+            "--learning_rate", str(a.learning_rate), "--save_strategy", "no", "--save_final_model", "false",
             "--heldout_eval", "false", "--report_to", "none", "--seed", "0",
             "--results_dir", str(run_dir.parent), "--run_name", run_dir.name, *extra]
 
@@ -92,7 +198,7 @@ def baseline_cmd(model: Path, data: Path, gpus: int, batch: int, a, run_dir: Pat
     return [*launcher, f"--num_gpus={gpus}", f"--master_port={29600 + gpus}",
             str(ROOT / "scripts" / "baseline_hf_trainer.py"), "--model", str(model), "--data", str(data),
             "--batch_size", str(batch), "--max_steps", str(a.max_steps), "--logging_steps", str(a.logging_steps),
-            "--run_dir", str(run_dir)]
+            "--max_length", str(a.seq_len), "--run_dir", str(run_dir)]
 
 
 def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: int) -> tuple[dict | None, str]:
@@ -114,17 +220,19 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
     return None, f"exit {rc}: {errors[-1][:200] if errors else 'see log'}"
 
 
-def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, cmd) -> dict:
+def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, cmd, lengths="fixed") -> dict:
     s = summary or {}
     tps = s.get("tokens_per_second_per_device")
     return {
-        "name": name, "variant": variant, "gpu": gpu, "num_gpus": gpus, "zero_stage": stage, "batch_size": batch, "seq_len": seq_len,
+        "name": name, "variant": variant, "gpu": gpu, "num_gpus": gpus, "zero_stage": stage, "batch_size": batch,
+        "seq_len": seq_len, "lengths": lengths,
         "tokens_per_second_per_gpu": tps, "tflops_per_gpu": s.get("tflops_per_device"), "mfu": s.get("mfu"),
         "mfu_convention": MFU_FORMULA,
-        "peak_memory_gib": s.get("peak_memory_gib"), "step_time_s": batch * seq_len / tps if tps else None,
+        "peak_memory_gib": s.get("peak_memory_gib"),
+        "step_time_s": batch * seq_len / tps if tps and lengths == "fixed" else None,
         "loss": s.get("train_loss"), "status": status,
-        "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "gradient_checkpointing")
-                    if k in s},
+        "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "varlen_attention",
+                                          "packing", "gradient_checkpointing") if k in s},
         "command": shlex.join(cmd),
     }
 
@@ -230,9 +338,10 @@ def main(argv=None) -> list[dict]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     model = (ROOT / a.model).resolve() if not Path(a.model).is_absolute() else Path(a.model)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    rows_needed = a.max_steps * max(batches + base_batches) * max(gpu_counts)
-    data = work / f"tokens_{a.seq_len}_{vocab}_{rows_needed}.parquet"
-    make_data(data, rows_needed, a.seq_len, vocab)
+    batch_rows = a.max_steps * max(batches + base_batches) * max(gpu_counts)
+    rows_needed = rows_for(batch_rows * a.seq_len, batch_rows, a.seq_len, a.lengths)
+    data = work / f"{a.tokens}_{a.lengths}_{a.seq_len}_{vocab}_{rows_needed}.parquet"
+    make_data(data, rows_needed, a.seq_len, vocab, a.lengths, a.tokens)
 
     rows = []
     plan = [("baseline", None, g, b, []) for g in gpu_counts for b in base_batches]
@@ -249,18 +358,30 @@ def main(argv=None) -> list[dict]:
         summary, status = run_one(run_name, cmd, run_dir, out / "logs", a.timeout)
         if stage is None and status == "out of GPU memory":
             baseline_oom.add(gpus)
-        row = row_from(run_name, name, summary, status, gpu, gpus, stage or "2", batch, a.seq_len, cmd)
+        row = row_from(run_name, name, summary, status, gpu, gpus, stage or "2", batch, a.seq_len, cmd, a.lengths)
+        row["loss_curve"] = loss_curve(run_dir) if summary else []
         rows.append(row)
         print(f"  {run_name}: {status}, {fmt(row['tokens_per_second_per_gpu'], ',.0f')} tokens/s/GPU, "
               f"MFU {fmt(row['mfu'], '.3f')}, peak {fmt(row['peak_memory_gib'], '.1f')} GiB", flush=True)
     add_ratios(rows)
+    if a.loss_reference:
+        add_loss_gaps(rows, a.loss_reference, a.loss_warmup)
     commit = git_commit()
-    header = (f"# Benchmark {date}: {gpu}\n\nmodel shape `{a.model}` (random weights), random tokens, seq {a.seq_len}, "
+    shape = (f"seq {a.seq_len}" if a.lengths == "fixed" else f"chat lengths (median {CHAT_MEDIAN}, up to {a.seq_len}; "
+             "tokens/s counts real tokens, not padding)")
+    header = (f"# Benchmark {date}: {gpu}\n\nmodel shape `{a.model}` (random weights), {a.tokens} tokens, {shape}, "
               f"{a.max_steps} steps (means over logging intervals after the first), commit `{commit}`.\n\n"
               f"Command: `python scripts/benchmark.py {shlex.join(sys.argv[1:] if argv is None else argv)}`")
     write_json(out / "results.json", rows)
     write_table(rows, out / "results.md", header)
     write_chart(rows, out / "results.png", f"{gpu}, {Path(a.model).name}, seq {a.seq_len}, {date}")
+    if a.loss_reference:
+        gaps = [f"- {r['name']}: largest loss gap against {a.loss_reference} after step {a.loss_warmup}: "
+                f"{fmt(r['loss_gap_vs_reference'] and 100 * r['loss_gap_vs_reference'], '.2f')}%"
+                for r in rows if r["variant"] != a.loss_reference]
+        with (out / "results.md").open("a") as f:
+            f.write("\n" + "\n".join(gaps) + "\n")
+        write_loss_chart(rows, out / "losses.png", f"{gpu}, {Path(a.model).name}, {a.tokens} tokens, {date}")
     print((out / "results.md").read_text())
     return rows
 

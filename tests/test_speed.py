@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from recipe.errors import ConfigError
 from recipe.speed import apply_speed, resolve_speed
 
 
@@ -16,8 +17,17 @@ from recipe.speed import apply_speed, resolve_speed
     (2, True, False, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False}),
     (2, False, True, {"fused_loss": "trl", "compile_layers": False, "liger_kernels": False}),
 ])
-def test_auto_speed_choices(stage, cuda, liger, expected):
-    assert resolve_speed("auto", "auto", "auto", stage, cuda, liger) == (expected, [])
+@pytest.mark.parametrize("packed", [False, True])
+def test_auto_speed_choices(stage, cuda, liger, expected, packed):
+    choices = resolve_speed("auto", "auto", "auto", stage, cuda, liger, padding_free=packed, varlen=True)
+    assert choices == ({**expected, "varlen_attention": cuda and packed}, [])
+
+
+def test_varlen_attention_refusals_are_named():
+    _, problems = resolve_speed("auto", "auto", "auto", 2, False, False, varlen_attention="true", varlen=True)
+    assert len(problems) == 1 and "CUDA GPU" in problems[0] and "--varlen_attention false" in problems[0]
+    _, problems = resolve_speed("auto", "auto", "auto", 2, True, True, varlen_attention="true", varlen=True)
+    assert len(problems) == 1 and "--packing true" in problems[0]
 
 
 def test_impossible_speed_choices_are_named():
@@ -36,7 +46,7 @@ def test_compiled_layers_keep_names_and_values():
     ids = torch.randint(0, 64, (2, 8))
     expected = model(input_ids=ids, labels=ids).loss
     names = [n for n, _ in model.named_parameters()]
-    apply_speed(model, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False})
+    apply_speed(model, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False, "varlen_attention": False})
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints unchanged
     assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(expected.item(), rel=1e-4)
@@ -56,7 +66,6 @@ def test_random_init_from_a_config_folder(tmp_path):
     training_args = SimpleNamespace(seed=0, trust_remote_code=False)
     model = load_model(model_args, training_args, tokenizer=None, random_init=True)
     assert model.config.vocab_size == 300 and model.config.num_hidden_layers == 2
-    from recipe.config import ConfigError
 
     with pytest.raises(ConfigError, match="config.json"):
         load_model(SimpleNamespace(**{**vars(model_args), "model_name_or_path": str(tmp_path / "none")}),
@@ -122,3 +131,83 @@ def test_benchmark_stops_the_baseline_at_its_first_out_of_memory(tmp_path, monke
     assert [b for v, b in tried if v == "baseline"] == [4, 8, 16, 32]  # ascending, none after the first OOM
     ours = next(r for r in rows if r["variant"] == "ours")
     assert ours["speedup_vs_baseline"] == pytest.approx(50000.0 / 16000.0)
+
+
+def test_fp8_is_refused_where_it_cannot_run_each_with_its_remedy():
+    from recipe.fp8 import fp8_problems
+
+    ok = dict(cuda=True, capability=(9, 0), bf16=True, fp16=False, have_torchao=True)
+    assert fp8_problems("tensorwise", **ok) == [] and fp8_problems("rowwise_with_gw_hp", **ok) == []
+    (cpu,) = fp8_problems("tensorwise", **{**ok, "cuda": False, "capability": None, "bf16": False})
+    assert "CUDA GPU" in cpu and "drop --fp8" in cpu
+    (ampere,) = fp8_problems("tensorwise", **{**ok, "capability": (8, 0)})
+    assert ">= 8.9" in ampere and "8.0" in ampere
+    assert fp8_problems("tensorwise", **{**ok, "capability": (8, 9)}) == []  # Ada
+    (half,) = fp8_problems("tensorwise", **{**ok, "bf16": False, "fp16": True})
+    assert "--bf16 true" in half
+    (lib,) = fp8_problems("tensorwise", **{**ok, "have_torchao": False})
+    assert "uv sync" in lib
+    (bad,) = fp8_problems("blockwise", **ok)
+    assert "tensorwise" in bad
+
+
+def test_fp8_on_cpu_stops_before_any_weights_load():
+    from recipe.config import parse_args
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--report_to", "none", "--fp8", "true"])
+    (problem,) = e.value.problems
+    assert "--fp8 needs a CUDA GPU" in problem
+
+
+def test_fp8_converts_the_decoder_linears_only_and_keeps_the_checkpoint_keys():
+    """torchao's emulated float8 (no FP8 hardware here): q/k/v/o and gate/up/down become Float8Linear, the head and
+    embedding stay, state-dict keys are unchanged, the loss stays close to bf16 and gradients reach every weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipe import fp8
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 32))
+    expected = model(input_ids=ids, labels=ids).loss.item()
+    keys = list(model.state_dict())
+    assert fp8.convert(model, "tensorwise", emulate=True) == 2 * 7
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["model.layers.1.mlp.down_proj"] == "Float8Linear" and kinds["lm_head"] == "Linear"
+    assert list(model.state_dict()) == keys
+    loss = model(input_ids=ids, labels=ids).loss
+    assert loss.item() == pytest.approx(expected, rel=2e-2)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_benchmark_data_chat_lengths_markov_tokens_and_loss_gaps(tmp_path):
+    """--lengths chat: long-tailed lengths (median near 300, clipped to seq_len); --tokens markov: every next id is
+    one of 4 successors of the previous; the loss gap is taken after warm-up against the reference variant."""
+    import sys
+
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, "scripts")
+    import benchmark
+
+    lengths = benchmark.chat_lengths(20000, 4096)
+    assert 270 <= float(sorted(lengths)[len(lengths) // 2]) <= 330 and lengths.max() <= 4096 and lengths.min() >= 16
+    assert (lengths > 2048).mean() > 0.01  # a tail
+    benchmark.make_data(tmp_path / "d.parquet", 50, 512, 30000, "chat", "markov")
+    rows = pq.read_table(tmp_path / "d.parquet")["input_ids"].to_pylist()
+    assert len({len(r) for r in rows}) > 10 and max(len(r) for r in rows) <= 512
+    follows = {}
+    for r in rows:
+        for a, b in zip(r, r[1:]):
+            follows.setdefault(a, set()).add(b)
+    assert max(len(v) for v in follows.values()) <= benchmark.MARKOV_SUCCESSORS
+    base = dict(zero_stage="2", num_gpus=1, batch_size=16)
+    table = [{**base, "name": "bf16", "variant": "bf16", "loss_curve": [(10, 5.0), (30, 2.0), (40, 1.5)]},
+             {**base, "name": "fp8", "variant": "fp8", "loss_curve": [(10, 9.0), (30, 2.02), (40, 1.5)]}]
+    benchmark.add_loss_gaps(table, "bf16", warmup=20)
+    assert table[1]["loss_gap_vs_reference"] == pytest.approx(0.01) and table[0]["loss_gap_vs_reference"] is None
+    assert benchmark.write_loss_chart(table, tmp_path / "l.png", "t")
