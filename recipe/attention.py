@@ -12,7 +12,6 @@ transformers' AttentionInterface under NAME; batches without document boundaries
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 NAME = "sdpa_varlen"
@@ -27,12 +26,15 @@ def varlen_kernel():
     return varlen_attn
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel_options() -> tuple:
+def kernel_options() -> tuple[dict, bool]:
     """How this torch's varlen_attn asks for causal attention and grouped kv heads (its signature changed)."""
     params = inspect.signature(varlen_kernel()).parameters
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     return causal, "enable_gqa" in params
+
+
+_OPTIONS: tuple[dict, bool] | None = None  # kernel_options(), read once by register(): the layers' compiled graphs
+# then see plain constants, not a signature inspection
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -44,7 +46,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if cu_seq is None or query.shape[0] != 1 or attention_mask is not None or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    causal, gqa = _kernel_options()
+    causal, gqa = _OPTIONS or kernel_options()
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and not gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -64,6 +66,8 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+    global _OPTIONS
+    _OPTIONS = kernel_options()
     AttentionInterface.register(NAME, varlen_attention_forward)
     # like flash attention: no mask when rows are unpadded (the boundaries travel as cu_seq_lens)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)

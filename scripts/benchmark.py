@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -205,11 +206,14 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
     log = log_dir / f"{name}.log"
     print(f"+ {shlex.join(cmd)}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    try:
-        with log.open("w") as f:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-        return None, f"timeout after {timeout}s"
+    with log.open("w") as f:  # its own process group: a timeout ends the launcher and its ranks (and frees the port)
+        job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            return None, f"timeout after {timeout}s"
     summary = run_dir / "summary.json"
     if rc == 0 and summary.exists():
         return json.loads(summary.read_text()), "ok"

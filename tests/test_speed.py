@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,30 @@ def test_benchmark_data_chat_lengths_markov_tokens_and_loss_gaps(tmp_path):
     benchmark.add_loss_gaps(table, "bf16", warmup=20)
     assert table[1]["loss_gap_vs_reference"] == pytest.approx(0.01) and table[0]["loss_gap_vs_reference"] is None
     assert benchmark.write_loss_chart(table, tmp_path / "l.png", "t")
+
+
+def test_a_benchmark_run_past_its_timeout_is_ended_with_its_children(tmp_path):
+    """A timed-out row kills the launcher's whole process group: no rank is left holding the GPU or MASTER_PORT
+    for the next row (seen on an H200: the next row then stopped on 'MASTER_PORT 29500 is already in use')."""
+    import sys
+    import time
+
+    sys.path.insert(0, "scripts")
+    import benchmark
+
+    pid_file = tmp_path / "child.pid"
+    cmd = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    summary, status = benchmark.run_one("slow", cmd, tmp_path / "run", tmp_path, timeout=2)
+    assert summary is None and status == "timeout after 2s"
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+
+    def alive():  # a zombie (killed, not yet reaped by whoever inherited it) is dead
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 5
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive()
