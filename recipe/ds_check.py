@@ -581,8 +581,10 @@ def _scheduler_problems(config: dict, name: str) -> list[str]:
 
 
 def batch_problems(config: dict, name: str, world_size: int | None) -> list[str]:
-    """train_batch_size = micro x accumulation x world size, as DeepSpeed asserts (HF checks only "auto"-free
-    values against TrainingArguments, one at a time)."""
+    """train_batch_size = micro x accumulation x world size, decided by DeepSpeed's own DeepSpeedConfig arithmetic
+    (it derives a missing key by integer division, then asserts the product) at this run's world size, before any
+    process group exists (DeepSpeedConfig itself would take world size 1 there). HF checks only "auto"-free values
+    against TrainingArguments, one at a time."""
     keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
     values, problems = {}, []
     for key in keys:
@@ -595,16 +597,25 @@ def batch_problems(config: dict, name: str, world_size: int | None) -> list[str]
             values[key] = value
     if problems or AUTO in (config.get(k) for k in keys) or "train_batch_size" not in values:
         return problems
+    from types import SimpleNamespace
+
+    deepspeed_config = ds_attr("deepspeed.runtime.config", "DeepSpeedConfig")
+    world = world_size
+    if world is None:  # not known here: any count that makes the given keys multiply out will do
+        known = math.prod(values.get(k, 1) for k in keys[1:])
+        world = values["train_batch_size"] // known if values["train_batch_size"] % known == 0 else 1
+    view = SimpleNamespace(**{k: values.get(k) for k in keys}, world_size=max(world, 1))
+    try:
+        deepspeed_config._set_batch_related_parameters(view)
+        deepspeed_config._batch_assertion(view)
+        return []
+    except AssertionError:
+        pass
     train, micro, accum = (values.get(k) for k in keys)
     factors = [(v, label) for v, label in ((micro, "micro"), (accum, "accumulation"), (world_size, "processes")) if v]
-    per_step = math.prod(v for v, _ in factors)
     shown = " x ".join(f"{v} ({label})" for v, label in factors)
-    if len(factors) == 3 and train != per_step:
-        problem = f"{train} != {shown} = {per_step}"
-    elif train % per_step:  # DeepSpeed derives the missing one by integer division, then asserts the product
-        problem = f"{train} is not a multiple of {shown}"
-    else:
-        return []
+    problem = (f"{train} != {shown} = {math.prod(v for v, _ in factors)}" if len(factors) == 3
+               else f"{train} is not a multiple of {shown}")
     return [msg(name, "train_batch_size", problem, 'set the three batch keys to "auto" (HF fills them from '
                 "--per_device_train_batch_size and --gradient_accumulation_steps), or make them agree")]
 
