@@ -95,6 +95,12 @@ def measured_rows(paths: list[str]) -> list[dict]:
 
 
 def compare_table(rows: list[dict]) -> str:
+    def host_measured(r):  # rank 0's peak RSS; where the run wrote none, the host memory in use (MemAvailable)
+        if r.get("cpu_peak_rss_gib") is not None:
+            return f"{r['cpu_peak_rss_gib']:.0f}"
+        used = r.get("host_in_use_gib_from_memavailable")
+        return f"<= {used:.0f} (host in use)" if used is not None else "—"
+
     lines = ["| model | config | GPUs | micro-batch | ckpt | estimated GiB | measured GiB (allocated) | error "
              "| measured reserved | CPU est. / measured rank 0 (GiB) | tokens/s/GPU | GPU, date |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -102,7 +108,7 @@ def compare_table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['config']} | {r['num_gpus']} | {r['batch_size']} "
                      f"| {'yes' if r['gradient_checkpointing'] else 'no'} | {r['estimate_gib']:.1f} "
                      f"| {r['peak_memory_gib']:.1f} | {100 * r['error']:+.1f}% | {r['peak_reserved_gib']:.1f} "
-                     f"| {r['cpu_estimate_gib']:.0f} / {r['cpu_peak_rss_gib']:.0f} "
+                     f"| {r['cpu_estimate_gib']:.0f} / {host_measured(r)} "
                      f"| {r['tokens_per_second_per_device']:,.0f} | {r['gpu']}, {r['date']} |")
     worst = max((abs(r["error"]) for r in rows), default=0)
     lines.append("")
