@@ -32,6 +32,7 @@ from recipe.ds_check import check_ds_config, nvme_problems
 from recipe.ds_config import DsConfig, resolve
 from recipe.errors import ConfigError, TrainingError  # noqa: F401  (re-exported: recipe.config.ConfigError)
 from recipe.hardware import master_port_problem, resolve_precision, world_size
+from recipe.long_context import tiled_mlp_wanted
 from recipe.speed import resolve_speed
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,12 @@ class TrainConfig(SFTConfig):
         metadata={"help": "torchao's float8 scaling with --fp8: tensorwise (fastest), rowwise, rowwise_with_gw_hp "
                           "(most accurate).", "choices": ["tensorwise", "rowwise", "rowwise_with_gw_hp"]},
     )
+    tiled_mlp: str = field(
+        default="auto",
+        metadata={"help": "Run each MLP in sequence shards without keeping their activations (DeepSpeed's TiledMLP, "
+                          "recomputed in backward): long sequences in less memory. auto: on from 32768 tokens of "
+                          "--max_length.", "choices": ["auto", "true", "false"]},
+    )
     varlen_attention: str = field(
         default="auto",
         metadata={"help": "Packed rows through PyTorch's variable-length flash attention (no seq x seq mask). "
@@ -279,7 +286,8 @@ class TrainConfig(SFTConfig):
         padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")))
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                                                    self.ds.stage if self.ds else None, cuda,
-                                                   varlen_attention=self.varlen_attention, padding_free=padding_free)
+                                                   varlen_attention=self.varlen_attention, padding_free=padding_free,
+                                                   tiled_mlp=tiled_mlp_wanted(self.tiled_mlp, self.max_length))
         problems += speed_problems
         if self.fp8:
             from recipe.fp8 import fp8_problems

@@ -11,6 +11,8 @@ Each is a flag (TrainConfig) with "auto" choosing the fast option where it is kn
   parameter hooks inside a layer split the graph).
 - liger_kernels: Liger's RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA where layers are not
   compiled (compiled layers fuse these themselves).
+- tiled_mlp: DeepSpeed's TiledMLP over sequence shards (recipe.long_context); auto: from 32K tokens
+  of max_length, where the compiled layers then stay off.
 - varlen_attention: packed rows (--packing, padding-free) through PyTorch's variable-length flash
   attention (recipe.attention) instead of SDPA with a materialised block mask. auto: on with CUDA
   when rows are packed and --attn_implementation is not set.
@@ -32,7 +34,8 @@ def liger_available() -> bool:
 
 def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero_stage: int | None,
                   cuda: bool, liger: bool | None = None, varlen_attention: str = "auto",
-                  padding_free: bool = False, varlen: bool | None = None) -> tuple[dict, list[str]]:
+                  padding_free: bool = False, varlen: bool | None = None,
+                  tiled_mlp: bool = False) -> tuple[dict, list[str]]:
     """Decide the speed options from the flags and the hardware: (choices, problems)."""
     liger = liger_available() if liger is None else liger
     problems = []
@@ -47,7 +50,11 @@ def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero
         if not below_z3:
             problems.append("--fused_loss liger reads the LM head's weight outside its module, which ZeRO-3 keeps "
                             "partitioned: use --fused_loss trl (it gathers the head) with ZeRO-3.")
-    compile_on = compile_layers == "true" or (compile_layers == "auto" and cuda and below_z3)
+    compile_on = compile_layers == "true" or (compile_layers == "auto" and cuda and below_z3 and not tiled_mlp)
+    if compile_layers == "true" and tiled_mlp:
+        problems.append("--compile_layers true with the tiled MLP (--tiled_mlp, on from recipe.long_context's "
+                        "TILED_MLP_AUTO_LENGTH tokens with auto): torch.compile cannot trace its backward; use "
+                        "--compile_layers auto, or --tiled_mlp false.")
     liger_on = liger_kernels == "true" or (liger_kernels == "auto" and cuda and liger and not compile_on)
     if liger_kernels == "true" and not (cuda and liger):
         problems.append("--liger_kernels true needs liger-kernel and a CUDA GPU: use --liger_kernels false.")
@@ -64,7 +71,7 @@ def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero
             problems.append("--varlen_attention true works on packed rows only: add --packing true (or "
                             "--padding_free true), or use --varlen_attention auto.")
     return {"fused_loss": fused_loss, "compile_layers": compile_on, "liger_kernels": liger_on,
-            "varlen_attention": varlen_on}, problems
+            "varlen_attention": varlen_on, "tiled_mlp": tiled_mlp}, problems
 
 
 def apply_speed(model, choices: dict) -> None:

@@ -21,7 +21,7 @@ from recipe.speed import apply_speed, resolve_speed
 @pytest.mark.parametrize("packed", [False, True])
 def test_auto_speed_choices(stage, cuda, liger, expected, packed):
     choices = resolve_speed("auto", "auto", "auto", stage, cuda, liger, padding_free=packed, varlen=True)
-    assert choices == ({**expected, "varlen_attention": cuda and packed}, [])
+    assert choices == ({**expected, "varlen_attention": cuda and packed, "tiled_mlp": False}, [])
 
 
 def test_varlen_attention_refusals_are_named():
@@ -47,7 +47,8 @@ def test_compiled_layers_keep_names_and_values():
     ids = torch.randint(0, 64, (2, 8))
     expected = model(input_ids=ids, labels=ids).loss
     names = [n for n, _ in model.named_parameters()]
-    apply_speed(model, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False, "varlen_attention": False})
+    apply_speed(model, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False, "varlen_attention": False,
+                        "tiled_mlp": False})
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints unchanged
     assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(expected.item(), rel=1e-4)
@@ -239,3 +240,65 @@ def test_a_benchmark_run_past_its_timeout_is_ended_with_its_children(tmp_path):
     while alive() and time.time() < deadline:
         time.sleep(0.1)
     assert not alive()
+
+
+def test_tiled_mlp_gives_the_same_loss_and_gradients():
+    """DeepSpeed's TiledMLP through recipe.long_context: the MLP in sequence shards of about hidden_size tokens
+    (here 8), recomputed in backward, gives the loss and every gradient of the plain model (fp32)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipe.long_context import apply_tiled_mlp, shards_for, tiled_mlp_wanted
+
+    assert tiled_mlp_wanted("auto", 32768) and not tiled_mlp_wanted("auto", 8192) and tiled_mlp_wanted("true", 16)
+    assert shards_for(256, 32) == 8 and shards_for(10, 32) == 1
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    plain = LlamaForCausalLM(config).float()
+    tiled = copy.deepcopy(plain)
+    assert apply_tiled_mlp(tiled) == 2 and list(tiled.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 256))
+    calls = []
+    tiled.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (plain, tiled)]
+    for loss in losses:
+        loss.backward()
+    # forward: 8 shards of 32 positions (both rows); backward: recomputed over 8 shards of the 2 x 256 tokens
+    assert calls == [32] * 8 + [64] * 8
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for (name, a), (_, b) in zip(plain.named_parameters(), tiled.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tiled_mlp_keeps_the_layers_uncompiled_or_says_why():
+    choices, problems = resolve_speed("auto", "auto", "auto", 2, True, True, varlen=True, tiled_mlp=True)
+    assert choices["compile_layers"] is False and choices["tiled_mlp"] is True and problems == []
+    _, problems = resolve_speed("auto", "true", "auto", 2, True, True, varlen=True, tiled_mlp=True)
+    assert len(problems) == 1 and "--tiled_mlp false" in problems[0]
+
+
+@pytest.mark.slow
+def test_tiled_mlp_under_zero3_on_two_processes_matches_untiled(tmp_path):
+    """2 processes (deepspeed launcher, gloo), ZeRO-3, 600-token rows (5 shards of the tiny model's 128): the shard
+    count agreed across ranks, weight gradients held to the last shard, the same losses as without tiling."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import check_ok, launch, only_run_dir, read_summary, train_losses
+
+    data = tmp_path / "long.parquet"
+    pq.write_table(pa.table({"input_ids": list(np.random.default_rng(0).integers(5, 60, size=(32, 600)))}), data)
+    losses = {}
+    for tiled in ("false", "true"):
+        out = tmp_path / tiled
+        check_ok(launch(["--dataset_name", str(data), "--eval_dataset_name", str(data), "--eval_strategy", "no",
+                         "--heldout_eval", "false", "--max_length", "600", "--zero_stage", "3", "--tiled_mlp", tiled,
+                         "--per_device_train_batch_size", "2", "--global_batch_size", "4", "--max_steps", "4",
+                         "--logging_steps", "1", "--save_strategy", "no", "--save_final_model", "false",
+                         "--report_to", "none"], out, nproc=2, launcher="deepspeed"))
+        losses[tiled] = train_losses(only_run_dir(out))
+        assert read_summary(out)["tiled_mlp"] is (tiled == "true")
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
