@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (FAST, ROOT, SECRETS, ZERO2, ZERO2_GROUP, ZERO2_SAVE, ZERO2_STEPS, check_ok, command, launch,
+from conftest import (ROOT, SECRETS, ZERO2_GROUP, ZERO2_SAVE, ZERO2_STEPS, check_ok, command, launch,
                       load_script, logged, only_run_dir, read_summary)
 
 CKPT = ["--logging_steps", "1", "--eval_strategy", "no", "--heldout_eval", "false", "--save_strategy", "steps",

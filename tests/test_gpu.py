@@ -67,7 +67,6 @@ def test_dry_run_recommends_on_this_gpu(tmp_path):
 def test_zero_stage_auto_trains_within_its_estimate(tmp_path):
     """auto picks a config on this GPU, says why, trains; the measured peak stays under the estimate + 15%
     (the shipped rows are shorter than max_length, so the estimate is an upper bound here)."""
-    import json
 
     proc = launch([*STEPS, *SHAPE_1B, "--zero_stage", "auto", "--max_steps", "3", "--per_device_train_batch_size",
                    "8", "--save_final_model", "false"], tmp_path)
