@@ -519,6 +519,26 @@ def max_micro_batch(shape, config, hw, work: Workload, cap: int = 64) -> int:
     return cap if b >= cap and ok(cap) else best  # the cap itself (a user's 12, say) when it fits
 
 
+SEQ_STEP = 1024
+
+
+def longest_sequence(shape, config, hw, work: Workload, name: str | None = None, cap: int = 2**20) -> int:
+    """The longest sequence (a multiple of SEQ_STEP, up to cap) at which `config` fits this hardware by the
+    estimate, at the workload's micro-batch and checkpointing; 0 when not even SEQ_STEP does. The fit is monotone
+    in the length, so a binary search over the steps finds it."""
+    def ok(steps):
+        est = estimate(shape, config, hw, Workload(**{**asdict(work), "seq_len": steps * SEQ_STEP}), name)
+        return fits(est, hw)
+
+    lo, hi = 0, cap // SEQ_STEP  # ok(lo) holds (0: nothing), the answer lies in [lo, hi]
+    if ok(hi):
+        return hi * SEQ_STEP
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo * SEQ_STEP
+
+
 def throughput_score(name: str, work: Workload) -> float:
     tokens = work.seq_len * work.micro_batch
     return SPEED.get(name, 0.05) * (GC_SPEED if work.gradient_checkpointing else 1.0) * tokens / (tokens + T0_TOKENS)

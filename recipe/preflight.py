@@ -294,10 +294,16 @@ def dry_run(training_args, model_args, run_dir: Path, is_main: bool) -> dict:
         rec = estimate.Recommendation(None, 0, False, "no CUDA GPU here, so no GPU memory to fit: run "
                                       "scripts/estimate_memory.py --model ... --gpus N --gpu_memory_gib G")
         text = estimate.format_table(rows) + f"\n\nRecommended: {rec.reason}."
+        longest = {}
     else:
         rows, rec = estimate.plan(shape, hw, work, configs)
         text = estimate.report(shape, hw, work, rows, rec)
+        longest = {n: estimate.longest_sequence(shape, c, hw, work, n) for n, c in configs.items()}
+        text += ("\n\nLongest sequence that fits here by the estimate (micro-batch %d, gradient checkpointing %s): %s."
+                 % (work.micro_batch, "on" if work.gradient_checkpointing else "off",
+                    ", ".join(f"{n} {v // 1024}K" if v else f"{n} none" for n, v in longest.items())))
     result = estimate.to_json(shape, hw, work, rows, rec)
+    result["longest_sequence"] = longest
     result["this_run"] = next(estimate.gib_row(r) for r in rows if r["config"] == this)
     result["host_memory"] = check
     if is_main:

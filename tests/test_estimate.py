@@ -278,3 +278,25 @@ def test_nvme_buffer_below_the_largest_parameter_never_fits():
     config["zero_optimization"]["offload_param"]["buffer_size"] = 1e8
     est = E.estimate(shape, config, hw, E.Workload(), "mine")
     assert not E.fits(est, hw) and "More elements 262668288 than buffer size 100000000" in est["problems"][0]
+
+
+def test_longest_sequence_is_the_last_length_that_fits():
+    """--dry_run's longest sequence per config: it fits by the estimate and 1024 tokens more does not; checkpointing
+    lengthens it; a GPU too small for the model states gives 0."""
+    from dataclasses import replace
+
+    shape = E.load_shape(str(MODELS / "llama-3.2-1b"))
+    configs = E.shipped_configs()
+    hw = E.Hardware(1, 139.8, gpu_name="NVIDIA H200")
+    work = E.Workload(seq_len=2048, micro_batch=1)
+
+    def fits_at(config, n, w=work):
+        return E.fits(E.estimate(shape, configs[config], hw, replace(w, seq_len=n), config), hw)
+
+    longest = E.longest_sequence(shape, configs["stage2"], hw, work, "stage2")
+    assert longest >= 32768 and longest % E.SEQ_STEP == 0
+    assert fits_at("stage2", longest) and not fits_at("stage2", longest + E.SEQ_STEP)
+    ckpt = replace(work, gradient_checkpointing=True)
+    assert E.longest_sequence(shape, configs["stage2"], hw, ckpt, "stage2") > longest
+    small = E.Hardware(1, 8.0, gpu_name="small")
+    assert E.longest_sequence(shape, configs["stage2"], small, work, "stage2") == 0
