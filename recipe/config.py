@@ -33,7 +33,7 @@ from recipe.ds_config import DsConfig, resolve
 from recipe.errors import ConfigError, TrainingError  # noqa: F401  (re-exported: recipe.config.ConfigError)
 from recipe.hardware import master_port_problem, resolve_precision, world_size
 from recipe.long_context import tiled_mlp_wanted
-from recipe.speed import resolve_speed
+from recipe.speed import AUTO_TRUE_FALSE, resolve_speed
 
 logger = logging.getLogger(__name__)
 DEFAULT_RECIPE = REPO_ROOT / "configs" / "default.yaml"
@@ -111,6 +111,11 @@ class ScriptArguments:
     )
 
 
+def auto_flag(help_text: str):
+    """A speed or memory option: auto (the recipe decides by hardware and workload), true or false."""
+    return field(default="auto", metadata={"help": help_text, "choices": AUTO_TRUE_FALSE})
+
+
 @dataclass
 class TrainConfig(SFTConfig):
     """TRL's SFTConfig with the DeepSpeed shorthands and hardware-chosen precision.
@@ -142,16 +147,9 @@ class TrainConfig(SFTConfig):
                   "'trl' (TRL's chunked head; works under ZeRO-3; logs token accuracy). auto: liger on CUDA "
                   "below ZeRO-3, else trl.", "choices": ["auto", "liger", "trl"]},
     )
-    compile_layers: str = field(
-        default="auto",
-        metadata={"help": "torch.compile each decoder layer. auto: on with CUDA below ZeRO-3.",
-                  "choices": ["auto", "true", "false"]},
-    )
-    liger_kernels: str = field(
-        default="auto",
-        metadata={"help": "Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are not compiled.",
-                  "choices": ["auto", "true", "false"]},
-    )
+    compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA below ZeRO-3.")
+    liger_kernels: str = auto_flag("Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are "
+                                   "not compiled.")
     fp8: bool = field(
         default=False,
         metadata={"help": "Float8 matmuls for the decoder's linear layers (torchao; GPUs with FP8 tensor cores: Ada, "
@@ -162,18 +160,12 @@ class TrainConfig(SFTConfig):
         metadata={"help": "torchao's float8 scaling with --fp8: tensorwise (fastest), rowwise, rowwise_with_gw_hp "
                           "(most accurate).", "choices": ["tensorwise", "rowwise", "rowwise_with_gw_hp"]},
     )
-    tiled_mlp: str = field(
-        default="auto",
-        metadata={"help": "Run each MLP in sequence shards without keeping their activations (DeepSpeed's TiledMLP, "
-                          "recomputed in backward): long sequences in less memory. auto: on from 32768 tokens of "
-                          "--max_length.", "choices": ["auto", "true", "false"]},
-    )
-    varlen_attention: str = field(
-        default="auto",
-        metadata={"help": "Packed rows through PyTorch's variable-length flash attention (no seq x seq mask). "
-                          "auto: on with CUDA when rows are packed and --attn_implementation is not set.",
-                  "choices": ["auto", "true", "false"]},
-    )
+    tiled_mlp: str = auto_flag("Run each MLP in sequence shards without keeping their activations (DeepSpeed's "
+                               "TiledMLP, recomputed in backward): long sequences in less memory. auto: on from 32768 "
+                               "tokens of --max_length.")
+    varlen_attention: str = auto_flag("Packed rows through PyTorch's variable-length flash attention (no seq x seq "
+                                      "mask). auto: on with CUDA when rows are packed and --attn_implementation is not "
+                                      "set.")
     token_metrics: bool = field(
         default=False,
         metadata={"help": "Log TRL's mean token accuracy and entropy (with --fused_loss trl); costs a host sync "
