@@ -51,7 +51,10 @@ from recipe.config import ScriptArguments
 from recipe.modeling import build_tiny_tokenizer
 import recipe.data as data
 import torch.distributed as dist
-dist.init_process_group("gloo")
+import datetime
+# the other ranks wait in a barrier while rank 0 tokenises (about 25 min for 1 GiB with the tiny character
+# tokenizer on one core): longer than torch's default 30-minute collective timeout allows for larger files
+dist.init_process_group("gloo", timeout=datetime.timedelta(hours=4))
 args = ScriptArguments(dataset_name=os.environ["BENCH_FILE"], eval_dataset_name=None, eval_split_ratio=0.0)
 tok = build_tiny_tokenizer()
 rank = dist.get_rank()
