@@ -179,7 +179,7 @@ class TrainConfig(SFTConfig):
     check_host_memory: bool = field(
         default=True,
         metadata={"help": "Before any weights load, stop (exit 2) when the memory estimate's host RAM per node is "
-                  "above 90% of what this node can give (MemAvailable, or the cgroup limit when tighter), with what "
+                  "above 90%% of what this node can give (MemAvailable, or the cgroup limit when tighter), with what "
                   "fits instead. false: warn and start anyway."},
     )
     dry_run: bool = field(
@@ -464,6 +464,11 @@ class ModelArguments(ModelConfig):
 class RecipeParser(TrlParser):
     """TrlParser that names unknown flags and YAML keys with the closest known name (ConfigError, exit 2), records
     which fields the user set and where, and settles --zero_stage auto before TrainConfig is built."""
+
+    def error(self, message: str):
+        """argparse's own errors (a value outside a flag's choices, a missing value): one line with its fix, exit 2,
+        instead of the usage of every flag."""
+        raise ConfigError([f"{message}. (`uv run python train_ds.py --help` lists every flag and its values)"])
 
     def parse_args_and_config(self, args=None, return_remaining_strings=False, fail_with_unknown_args=True,
                               separate_remaining_strings=False):

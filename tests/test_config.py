@@ -236,3 +236,25 @@ def test_a_max_length_beyond_the_models_positions_needs_rope_scaling(tmp_path):
         parse_args(["--max_length", "7000", "--rope_scaling", "linear:2", "--report_to", "none"])
     with pytest.raises(ConfigError, match="write TYPE:FACTOR"):
         parse_args(["--rope_scaling", "ntk:4", "--report_to", "none"])
+
+
+def test_help_prints_every_flag_and_exits_0(capsys):
+    """`train_ds.py --help` (argparse formats each help string with %: a bare '90%' once broke it)."""
+    from recipe.config import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in ("--fp8", "--tiled_mlp", "--varlen_attention", "--check_host_memory",
+                                        "--zero_stage", "--learning_rate"))
+
+
+def test_a_value_outside_a_flags_choices_is_one_line_with_the_choices():
+    from recipe.config import parse_args
+    from recipe.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--tiled_mlp", "yes"])
+    (problem,) = e.value.problems
+    assert "invalid choice: 'yes'" in problem and "'auto', 'true', 'false'" in problem and "--help" in problem
