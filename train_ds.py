@@ -144,10 +144,6 @@ def build_model(script_args, training_args, model_args, run: Run, tokenizer):
 
         fp8.convert(model, training_args.fp8_recipe)
     speed.apply_speed(model, training_args.speed)
-    if training_args.speed["tiled_mlp"]:
-        from recipe.long_context import apply_tiled_mlp
-
-        apply_tiled_mlp(model)
     if model_args.use_peft:
         modeling.check_lora_targets(model, model_args.lora_target_modules)
         if model_args.model_name_or_path is None:  # the tiny default's weights exist nowhere else: keep them

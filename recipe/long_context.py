@@ -54,14 +54,11 @@ def _tiled_forward(self, x):
     return tiled.apply(lambda module, shard: module._untiled_forward(shard), self, x, shards, params)
 
 
-def apply_tiled_mlp(model) -> int:
-    """Run every decoder layer's MLP tiled over the sequence (in place, state-dict keys unchanged); returns how
+def apply_tiled_mlp(layers) -> int:
+    """Run each decoder layer's MLP tiled over the sequence (in place, state-dict keys unchanged); returns how
     many. Wraps whatever forward the MLP has (Liger's SwiGLU, say)."""
-    from recipe.speed import decoder_layers
-
-    layers = decoder_layers(model) or []
     count = 0
-    for layer in layers:
+    for layer in layers or []:
         mlp = getattr(layer, "mlp", None)
         if mlp is None or hasattr(mlp, "_untiled_forward"):
             continue

@@ -52,9 +52,9 @@ def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero
                             "partitioned: use --fused_loss trl (it gathers the head) with ZeRO-3.")
     compile_on = compile_layers == "true" or (compile_layers == "auto" and cuda and below_z3 and not tiled_mlp)
     if compile_layers == "true" and tiled_mlp:
-        problems.append("--compile_layers true with the tiled MLP (--tiled_mlp, on from recipe.long_context's "
-                        "TILED_MLP_AUTO_LENGTH tokens with auto): torch.compile cannot trace its backward; use "
-                        "--compile_layers auto, or --tiled_mlp false.")
+        problems.append("--compile_layers true with the tiled MLP (--tiled_mlp true, or auto from 32768 tokens of "
+                        "--max_length): torch.compile cannot trace its backward; use --compile_layers auto, or "
+                        "--tiled_mlp false.")
     liger_on = liger_kernels == "true" or (liger_kernels == "auto" and cuda and liger and not compile_on)
     if liger_kernels == "true" and not (cuda and liger):
         problems.append("--liger_kernels true needs liger-kernel and a CUDA GPU: use --liger_kernels false.")
@@ -82,6 +82,10 @@ def apply_speed(model, choices: dict) -> None:
         on = choices["liger_kernels"]
         _apply_liger_kernel_to_instance(model=model, rope=on, rms_norm=on, swiglu=on, cross_entropy=False,
                                         fused_linear_cross_entropy=choices["fused_loss"] == "liger")
+    if choices.get("tiled_mlp"):  # around whatever MLP forward Liger left; never with compiled layers
+        from recipe.long_context import apply_tiled_mlp
+
+        apply_tiled_mlp(decoder_layers(model))
     if choices["compile_layers"]:
         layers = decoder_layers(model)
         if layers is None:

@@ -258,7 +258,7 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients():
                          num_attention_heads=4, num_key_value_heads=2)
     plain = LlamaForCausalLM(config).float()
     tiled = copy.deepcopy(plain)
-    assert apply_tiled_mlp(tiled) == 2 and list(tiled.state_dict()) == list(plain.state_dict())
+    assert apply_tiled_mlp(tiled.model.layers) == 2 and list(tiled.state_dict()) == list(plain.state_dict())
     ids = torch.randint(0, 64, (2, 256))
     calls = []
     tiled.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
