@@ -33,8 +33,8 @@ def kernel_options() -> tuple[dict, bool]:
     return causal, "enable_gqa" in params
 
 
-_OPTIONS: tuple[dict, bool] | None = None  # kernel_options(), read once by register(): the layers' compiled graphs
-# then see plain constants, not a signature inspection
+_KERNEL = None  # (varlen_attn, its causal keyword, whether it takes grouped kv heads), read once by register(): the
+# layers' compiled graphs then see plain constants, not an import and a signature inspection per call
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -46,7 +46,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     if cu_seq is None or query.shape[0] != 1 or attention_mask is not None or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    causal, gqa = _OPTIONS or kernel_options()
+    kernel, causal, gqa = _KERNEL or (varlen_kernel(), *kernel_options())
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and not gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -56,8 +56,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     cu_seq_k = cu_seq if cu_seq_k is None else cu_seq_k.to(query.device, non_blocking=True)
     max_q = kwargs.get("max_length_q") or query.shape[2]
     max_k = kwargs.get("max_length_k") or max_q
-    out = varlen_kernel()(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                          cu_seq, cu_seq_k, int(max_q), int(max_k), scale=scaling, **causal, **extra)
+    out = kernel(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                 cu_seq, cu_seq_k, int(max_q), int(max_k), scale=scaling, **causal, **extra)
     return out.unsqueeze(0), None
 
 
@@ -66,8 +66,8 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    global _OPTIONS
-    _OPTIONS = kernel_options()
+    global _KERNEL
+    _KERNEL = (varlen_kernel(), *kernel_options())
     AttentionInterface.register(NAME, varlen_attention_forward)
     # like flash attention: no mask when rows are unpadded (the boundaries travel as cu_seq_lens)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)

@@ -44,25 +44,26 @@ def _agreed(shards: int, device) -> int:
 
 
 def _tiled_forward(self, x):
-    from recipe.ds_config import ds_attr
-
     shards = _agreed(shards_for(x.shape[-2] if x.dim() > 2 else x.shape[0], x.shape[-1]), x.device)
     if shards == 1:
         return self._untiled_forward(x)
-    tiled = ds_attr("deepspeed.runtime.sequence_parallel.ulysses_sp", "TiledMLP")
-    params = [p for p in self.parameters() if p.requires_grad]
-    return tiled.apply(lambda module, shard: module._untiled_forward(shard), self, x, shards, params)
+    # TiledMLP keeps the parameters that require gradients (a LoRA base's frozen weights get none)
+    return self._tiled_mlp.apply(lambda module, shard: module._untiled_forward(shard), self, x, shards,
+                                 list(self.parameters()))
 
 
 def apply_tiled_mlp(layers) -> int:
     """Run each decoder layer's MLP tiled over the sequence (in place, state-dict keys unchanged); returns how
     many. Wraps whatever forward the MLP has (Liger's SwiGLU, say)."""
+    from recipe.ds_config import ds_attr
+
+    tiled = ds_attr("deepspeed.runtime.sequence_parallel.ulysses_sp", "TiledMLP")  # once, not per forward
     count = 0
     for layer in layers or []:
         mlp = getattr(layer, "mlp", None)
         if mlp is None or hasattr(mlp, "_untiled_forward"):
             continue
-        mlp._untiled_forward = mlp.forward
+        mlp._untiled_forward, mlp._tiled_mlp = mlp.forward, tiled
         mlp.forward = types.MethodType(_tiled_forward, mlp)
         count += 1
     logger.info("tiled_mlp: %d MLPs run in sequence shards of about hidden_size tokens (DeepSpeed TiledMLP).", count)
