@@ -144,10 +144,10 @@ class TrainConfig(SFTConfig):
     fused_loss: str = field(
         default="auto",
         metadata={"help": "LM-head loss without full logits: 'liger' (fused linear cross-entropy, one pass), "
-                  "'trl' (TRL's chunked head; works under ZeRO-3; logs token accuracy). auto: liger on CUDA "
-                  "below ZeRO-3, else trl.", "choices": ["auto", "liger", "trl"]},
+                  "'trl' (TRL's chunked head; logs token accuracy). auto: liger on CUDA, else trl.", "choices": ["auto", "liger", "trl"]},
     )
-    compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA below ZeRO-3.")
+    compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA (not with the tiled MLP); "
+                                    "under ZeRO-3 each layer is a ZeRO-3 leaf module and its forward compiles.")
     liger_kernels: str = auto_flag("Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are "
                                    "not compiled.")
     fp8: bool = field(

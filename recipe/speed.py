@@ -4,11 +4,14 @@ Each is a flag (TrainConfig) with "auto" choosing the fast option where it is kn
 
 - fused_loss: how the LM-head loss avoids materialising (batch, seq, vocab) logits.
   'liger': Liger's fused linear cross-entropy, gradients computed in the forward (one pass over
-  the head); 'trl': TRL's chunked LM head (recomputes the head in backward; gathers the head under
-  ZeRO-3, and logs token accuracy and entropy). auto: liger on CUDA below ZeRO-3, else trl.
+  the head; under ZeRO-3, DeepSpeed gathers the head's weight when the loss reads it, registering it
+  to the model's forward as a "dangling" parameter); 'trl': TRL's chunked LM head (recomputes the head
+  in backward, and logs token accuracy and entropy). auto: liger on CUDA, else trl.
 - compile_layers: torch.compile each decoder layer (fuses RMSNorm, SwiGLU, RoPE and the residual
-  adds; one compiled graph serves every layer). auto: on with CUDA below ZeRO-3 (ZeRO-3's
-  parameter hooks inside a layer split the graph).
+  adds; one compiled graph serves every layer). auto: on with CUDA. Under ZeRO-3 each decoder layer
+  becomes a ZeRO-3 leaf module (DeepSpeed gathers the layer's parameters at once, with no hooks
+  inside it to split the graph) and the layer's forward is what compiles (DeepSpeed's hooks on the
+  layer itself stay eager).
 - liger_kernels: Liger's RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA where layers are not
   compiled (compiled layers fuse these themselves).
 - tiled_mlp: DeepSpeed's TiledMLP over sequence shards (recipe.long_context); auto: from 32K tokens
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +44,15 @@ def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero
     """Decide the speed options from the flags and the hardware: (choices, problems)."""
     liger = liger_available() if liger is None else liger
     problems = []
-    below_z3 = zero_stage is None or zero_stage < 3
+    zero3 = zero_stage == 3
     if fused_loss == "auto":
-        fused_loss = "liger" if cuda and liger and below_z3 else "trl"
+        fused_loss = "liger" if cuda and liger else "trl"
     elif fused_loss == "liger":
         if not liger:
             problems.append("--fused_loss liger needs liger-kernel: `uv sync` installs it on Linux, or use --fused_loss trl.")
         if not cuda:
             problems.append("--fused_loss liger needs a CUDA GPU (Triton kernels): use --fused_loss trl on CPU.")
-        if not below_z3:
-            problems.append("--fused_loss liger reads the LM head's weight outside its module, which ZeRO-3 keeps "
-                            "partitioned: use --fused_loss trl (it gathers the head) with ZeRO-3.")
-    compile_on = compile_layers == "true" or (compile_layers == "auto" and cuda and below_z3 and not tiled_mlp)
+    compile_on = compile_layers == "true" or (compile_layers == "auto" and cuda and not tiled_mlp)
     if compile_layers == "true" and tiled_mlp:
         problems.append("--compile_layers true with the tiled MLP (--tiled_mlp true, or auto from 32768 tokens of "
                         "--max_length): torch.compile cannot trace its backward; use --compile_layers auto, or "
@@ -71,7 +73,8 @@ def resolve_speed(fused_loss: str, compile_layers: str, liger_kernels: str, zero
             problems.append("--varlen_attention true works on packed rows only: add --packing true (or "
                             "--padding_free true), or use --varlen_attention auto.")
     return {"fused_loss": fused_loss, "compile_layers": compile_on, "liger_kernels": liger_on,
-            "varlen_attention": varlen_on, "tiled_mlp": tiled_mlp}, problems
+            "varlen_attention": varlen_on, "tiled_mlp": tiled_mlp,
+            "zero3_leaf_layers": zero3 and compile_on}, problems
 
 
 def apply_speed(model, choices: dict) -> None:
@@ -86,13 +89,21 @@ def apply_speed(model, choices: dict) -> None:
         from recipe.long_context import apply_tiled_mlp
 
         apply_tiled_mlp(decoder_layers(model))
+    layers = decoder_layers(model)
+    if choices.get("zero3_leaf_layers") and layers is not None:
+        from deepspeed.utils import set_z3_leaf_module
+
+        for layer in layers:  # before deepspeed.initialize, which then hooks the layer, not its sub-modules
+            set_z3_leaf_module(layer, True)
     if choices["compile_layers"]:
-        layers = decoder_layers(model)
         if layers is None:
             logger.warning("compile_layers: no decoder layer list found on %s; running eager.", type(model).__name__)
             return
-        for layer in layers:
-            layer.compile()  # in place: parameter names (checkpoints) unchanged
+        for layer in layers:  # in place: parameter names (checkpoints) unchanged
+            if choices.get("zero3_leaf_layers"):
+                layer.forward = torch.compile(layer.forward)  # ZeRO-3's hooks on the layer run eager around it
+            else:
+                layer.compile()
         logger.info("compile_layers: %d decoder layers compiled (first steps are slower while it compiles).",
                     len(layers))
 

@@ -43,7 +43,8 @@ from recipe.metrics import MFU_FORMULA  # the runs' MFU convention, stated in ev
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", default="configs/models/llama-3.2-1b", help="folder with config.json (random weights)")
-    p.add_argument("--stages", default="2", help="comma list of ds_configs (0,1,2,3,2_offload,3_offload,3_nvme)")
+    p.add_argument("--stages", default="2",
+                   help="comma list of ds_configs (0,1,2,3,2_offload,3_offload,3_nvme); none: only the baseline")
     p.add_argument("--gpus", default="1", help="comma list of GPU counts")
     p.add_argument("--batch_sizes", default="8", help="comma list of per-GPU micro-batch sizes")
     p.add_argument("--seq_len", type=int, default=2048)
@@ -236,7 +237,8 @@ def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, c
         "step_time_s": batch * seq_len / tps if tps and lengths == "fixed" else None,
         "loss": s.get("train_loss"), "status": status,
         "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "varlen_attention",
-                                          "packing", "gradient_checkpointing") if k in s},
+                                          "zero3_leaf_layers", "tiled_mlp", "fp8", "packing",
+                                          "gradient_checkpointing") if k in s},
         "command": shlex.join(cmd),
     }
 
@@ -329,7 +331,7 @@ def main(argv=None) -> list[dict]:
     from recipe.report import git_commit, write_json
 
     gpu, visible = gpu_name()
-    stages = a.stages.split(",")
+    stages = [] if a.stages == "none" else a.stages.split(",")  # none: the baseline rows only
     gpu_counts = [int(g) for g in a.gpus.split(",")]
     batches = [int(b) for b in a.batch_sizes.split(",")]
     base_batches = sorted(int(b) for b in a.baseline_batch_sizes.split(",")) if a.baseline else []

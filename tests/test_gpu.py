@@ -46,6 +46,9 @@ def test_bf16_stage_parity(tmp_path):
         out = tmp_path / stage
         check_ok(launch([*STEPS, "--max_steps", "20", "--zero_stage", stage], out))
         losses[stage] = train_losses(only_run_dir(out))
+        summary = read_summary(out)  # every stage on the fast path: ZeRO-3 with leaf layers compiled, Liger's loss
+        assert summary["compile_layers"] and summary["fused_loss"] == "liger", (stage, summary)
+        assert summary["zero3_leaf_layers"] == (stage == "3"), (stage, summary)
     for stage in ["1", "2", "3"]:
         assert losses[stage][-1] == pytest.approx(losses["0"][-1], rel=0.02), (stage, losses)
 
