@@ -161,25 +161,31 @@ def add_loss_gaps(rows: list[dict], reference: str, warmup: int) -> None:
 
 
 def write_loss_chart(rows: list[dict], path: Path, title: str) -> bool:
+    """Loss curves side by side: one panel per model, ZeRO stage and batch (the rows a loss gap compares)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [r for r in rows if r.get("loss_curve")]
-    if not curves:
+    groups = {}
+    for r in rows:
+        if r.get("loss_curve"):
+            groups.setdefault((r.get("model"), r["zero_stage"], r["batch_size"]), []).append(r)
+    if not groups:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in curves:
-        steps, losses = zip(*r["loss_curve"])
-        gap = r.get("loss_gap_vs_reference")
-        ax.plot(steps, losses, label=r["name"] + (f" (max gap {100 * gap:.2f}%)" if gap is not None else ""))
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, ((model, stage, batch), curves) in zip(axes[0], groups.items()):
+        for r in curves:
+            steps, losses = zip(*r["loss_curve"])
+            gap = r.get("loss_gap_vs_reference")
+            ax.plot(steps, losses, label=r["name"] + (f" (max gap {100 * gap:.2f}%)" if gap is not None else ""))
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.set_title(f"{model or ''} ZeRO-{stage}, batch {batch}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -225,11 +231,20 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
     return None, f"exit {rc}: {errors[-1][:200] if errors else 'see log'}"
 
 
+def model_of(cmd: list[str]) -> str | None:
+    """The model folder a row's command trains (ours: --model_name_or_path, the baseline: --model)."""
+    for flag in ("--model_name_or_path", "--model"):
+        if flag in cmd and cmd.index(flag) + 1 < len(cmd):
+            return Path(cmd[cmd.index(flag) + 1]).name
+    return None
+
+
 def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, cmd, lengths="fixed") -> dict:
     s = summary or {}
     tps = s.get("tokens_per_second_per_device")
     return {
-        "name": name, "variant": variant, "gpu": gpu, "num_gpus": gpus, "zero_stage": stage, "batch_size": batch,
+        "name": name, "variant": variant, "model": model_of(cmd), "gpu": gpu, "num_gpus": gpus, "zero_stage": stage,
+        "batch_size": batch,
         "seq_len": seq_len, "lengths": lengths,
         "tokens_per_second_per_gpu": tps, "tflops_per_gpu": s.get("tflops_per_device"), "mfu": s.get("mfu"),
         "mfu_convention": MFU_FORMULA,
@@ -245,18 +260,22 @@ def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, c
 
 def add_ratios(rows: list[dict]) -> None:
     """Scaling (per-GPU tokens/s over the same row set on 1 GPU) and speed-up over the baseline at its best batch
-    (the fastest baseline row per GPU count: the recipe a user would tune to their GPU, not the guides' batch 4)."""
-    one = {(r["variant"], r["zero_stage"], r["batch_size"]): r["tokens_per_second_per_gpu"]
+    (the fastest baseline row of the same model per GPU count: the recipe a user would tune to their GPU, not the
+    guides' batch 4)."""
+    for r in rows:  # rows of an older results.json: the model from the command
+        r.setdefault("model", model_of(shlex.split(r.get("command", ""))))
+    one = {(r["model"], r["variant"], r["zero_stage"], r["batch_size"]): r["tokens_per_second_per_gpu"]
            for r in rows if r["num_gpus"] == 1 and r["tokens_per_second_per_gpu"]}
-    base = {}  # the fastest baseline row per GPU count
+    base = {}  # the fastest baseline row per model and GPU count
     for r in rows:
         if r["variant"] == "baseline" and r["tokens_per_second_per_gpu"]:
-            base[r["num_gpus"]] = max(base.get(r["num_gpus"], 0.0), r["tokens_per_second_per_gpu"])
+            key = (r["model"], r["num_gpus"])
+            base[key] = max(base.get(key, 0.0), r["tokens_per_second_per_gpu"])
     for r in rows:
         tps = r["tokens_per_second_per_gpu"]
-        ref = one.get((r["variant"], r["zero_stage"], r["batch_size"]))
+        ref = one.get((r["model"], r["variant"], r["zero_stage"], r["batch_size"]))
         r["scaling_vs_1gpu"] = tps / ref if tps and ref and r["num_gpus"] > 1 else None
-        b = base.get(r["num_gpus"])
+        b = base.get((r["model"], r["num_gpus"]))
         r["speedup_vs_baseline"] = tps / b if tps and b else None
 
 
@@ -321,6 +340,7 @@ def merge(a) -> list[dict]:
     header = a.title or f"# Benchmark: {', '.join(sorted({r['gpu'] for r in rows}))}"
     write_table(rows, out / "results.md", header)
     write_chart(rows, out / "results.png", header.lstrip("# ").splitlines()[0])
+    write_loss_chart(rows, out / "losses.png", header.lstrip("# ").splitlines()[0])
     return rows
 
 
