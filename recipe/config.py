@@ -163,6 +163,11 @@ class TrainConfig(SFTConfig):
     tiled_mlp: str = auto_flag("Run each MLP in sequence shards without keeping their activations (DeepSpeed's "
                                "TiledMLP, recomputed in backward): long sequences in less memory. auto: on from 32768 "
                                "tokens of --max_length.")
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Ulysses sequence parallelism (DeepSpeed ALST through accelerate): each sequence split over "
+                  "this many ranks, data parallel over world / N. Needs ZeRO 1-3, N dividing the process count and "
+                  "the attention heads, SDPA attention."})
     varlen_attention: str = auto_flag("Packed rows through PyTorch's variable-length flash attention (no seq x seq "
                                       "mask). auto: on with CUDA when rows are packed and --attn_implementation is not "
                                       "set.")
@@ -243,12 +248,20 @@ class TrainConfig(SFTConfig):
             except ConfigError as e:
                 problems += e.problems
                 self.deepspeed, self.ds_config_path = None, None
+        sp = self.sequence_parallel_size
+        if sp != 1:
+            from recipe.long_context import sequence_parallel_problems
+
+            problems += sequence_parallel_problems(sp, world, self.ds.stage if self.ds else None, bool(
+                self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split"))))
+        dp_world = max(1, world // max(1, sp))  # processes that see different data
         if self.global_batch_size is not None:
-            per_step = self.per_device_train_batch_size * world
+            per_step = self.per_device_train_batch_size * dp_world
             if self.global_batch_size % per_step:
                 problems.append(
                     f"--global_batch_size {self.global_batch_size} is not a multiple of per-device batch "
-                    f"{self.per_device_train_batch_size} x {world} processes = {per_step}: change one of them."
+                    f"{self.per_device_train_batch_size} x {dp_world} data-parallel processes = {per_step}: change "
+                    "one of them."
                 )
             else:
                 self.gradient_accumulation_steps = self.global_batch_size // per_step
@@ -275,6 +288,16 @@ class TrainConfig(SFTConfig):
             problems += errors
             for warning in warnings if os.environ.get("RANK", "0") == "0" else []:
                 logger.warning(warning)
+        if sp > 1:  # Ulysses shards each batch's length over the group: a multiple of N (gloo: one length for all)
+            need = self.max_length if not cuda else sp
+            asked = self.pad_to_multiple_of
+            if isinstance(asked, str) and asked.isdigit():
+                asked = int(asked)
+            if not isinstance(asked, int) and need:  # unset or TRL's "auto"
+                self.pad_to_multiple_of = need
+            elif isinstance(asked, int) and asked % sp:
+                problems.append(f"--pad_to_multiple_of {self.pad_to_multiple_of} with --sequence_parallel_size {sp}: "
+                                f"each batch's length must split over {sp} ranks; use a multiple of {sp}.")
         padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")))
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                                                    self.ds.stage if self.ds else None, cuda,
@@ -534,6 +557,7 @@ class RecipeParser(TrlParser):
             EXPLICIT.reset(token)
         if ModelArguments in built and TrainConfig in built:
             problems += position_problems(built[TrainConfig], built[ModelArguments])
+            problems += sequence_parallel_cross_check(built[TrainConfig], built[ModelArguments])
             if built[TrainConfig].fp8 and any(getattr(built[ModelArguments], f, False) for f in QUANT_FLAGS):
                 problems.append("--fp8 with --load_in_4bit/--load_in_8bit: the base weights are already quantized; "
                                 "drop one.")
@@ -541,6 +565,25 @@ class RecipeParser(TrlParser):
             raise ConfigError(problems)
         out = tuple(built[d] for d in self.dataclass_types)
         return (*out, remaining) if return_remaining_strings else out
+
+
+def sequence_parallel_cross_check(training_args, model_args) -> list[str]:
+    """--sequence_parallel_size against the model (heads, attention; config.json only, no weights); when it can
+    run, the ParallelismConfig that hands it to accelerate and DeepSpeed."""
+    from recipe.long_context import parallelism_config, sequence_parallel_model_problems
+    from recipe.modeling import model_config
+
+    sp = training_args.sequence_parallel_size
+    if sp <= 1:
+        return []
+    try:
+        config = model_config(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+    except (OSError, ValueError):
+        config = None  # not readable here: DeepSpeed checks the heads when it wraps the attention
+    problems = sequence_parallel_model_problems(sp, config, model_args.attn_implementation)
+    if not problems:
+        training_args.parallelism_config = parallelism_config(sp, model_args.attn_implementation)
+    return problems
 
 
 def position_problems(training_args, model_args) -> list[str]:

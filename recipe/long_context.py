@@ -68,3 +68,92 @@ def apply_tiled_mlp(layers) -> int:
         count += 1
     logger.info("tiled_mlp: %d MLPs run in sequence shards of about hidden_size tokens (DeepSpeed TiledMLP).", count)
     return count
+
+
+# ── Ulysses sequence parallelism (--sequence_parallel_size) ──────────────────────────────────────────────────────
+# accelerate's ParallelismConfig(sp_backend="deepspeed") hands the model to DeepSpeed's UlyssesSPAttentionHF (each
+# rank attends over all positions for heads / N of the heads, an all-to-all either side) and wraps the dataloader in
+# UlyssesSPDataLoaderAdapter (each rank of a group gets 1/N of every sequence, labels pre-shifted); HF Trainer
+# averages the loss over the group by tokens with labels. Data parallel over world / N.
+
+SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def sequence_parallel_problems(sp: int, world: int, zero_stage: int | None, padding_free: bool = False) -> list[str]:
+    """What the process count and DeepSpeed config say about --sequence_parallel_size (no model needed)."""
+    problems = []
+    if sp < 1:
+        return [f"--sequence_parallel_size {sp}: give 1 (off) or the ranks to split each sequence over."]
+    if sp > 1 and world % sp:
+        problems.append(f"--sequence_parallel_size {sp} does not divide the {world} processes: use a divisor of "
+                        f"{world} (data parallel runs over processes / N), or launch a multiple of {sp} processes.")
+    if sp > 1 and not zero_stage:
+        problems.append(f"--sequence_parallel_size {sp} needs DeepSpeed ZeRO 1-3 (its sequence-parallel groups live in "
+                        "the engine): use --zero_stage 2 or 3, not 0.")
+    if sp > 1 and padding_free:
+        problems.append(f"--sequence_parallel_size {sp} with padding-free packing (--packing with the bfd strategy, or "
+                        "--padding_free): DeepSpeed's Ulysses data adapter shards (batch, length) tensors only; use "
+                        "--packing_strategy wrapped (fixed-length packed rows) or --packing false.")
+    return problems
+
+
+def sequence_parallel_model_problems(sp: int, config, attn_implementation: str | None) -> list[str]:
+    """What the model's config says (read without weights): heads divisible by N, an attention Ulysses wraps."""
+    if sp <= 1:
+        return []
+    problems = []
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads and heads % sp:
+        problems.append(f"--sequence_parallel_size {sp}: the model's {heads} attention heads do not split over {sp} "
+                        f"ranks; use a divisor of {heads}.")
+    elif kv and kv % sp and sp % kv:
+        problems.append(f"--sequence_parallel_size {sp}: the model's {kv} key/value heads neither divide by nor "
+                        f"divide {sp}; use a divisor of {kv}.")
+    if attn_implementation not in (None, *SP_ATTENTION):
+        problems.append(f"--sequence_parallel_size {sp} with --attn_implementation {attn_implementation}: Ulysses wraps "
+                        f"{', '.join(SP_ATTENTION)} only; drop --attn_implementation (sdpa) or pick one of them.")
+    return problems
+
+
+def parallelism_config(sp: int, attn_implementation: str | None):
+    """accelerate's ParallelismConfig for Ulysses over `sp` ranks (variable sequence lengths)."""
+    from accelerate import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    attn = attn_implementation if attn_implementation in SP_ATTENTION else "sdpa"
+    return ParallelismConfig(sp_backend="deepspeed", sp_size=sp, sp_handler=DeepSpeedSequenceParallelConfig(
+        sp_seq_length_is_variable=True, sp_attn_implementation=attn))
+
+
+def sequence_parallel_active(accelerator) -> bool:
+    pc = getattr(accelerator, "parallelism_config", None)
+    return pc is not None and pc.sp_backend == "deepspeed" and pc.sp_enabled
+
+
+def sequence_parallel_loss(model, inputs: dict, return_outputs: bool = False, zero_stage: int | None = None):
+    """The loss of a sequence split over the Ulysses group: the group's mean over tokens with labels.
+
+    transformers' deepspeed_sp_compute_loss averages the all-gathered per-rank losses through a differentiable
+    all_gather, so each rank's backward carries the gradient of every rank's copy of the mean: N times its shard's
+    share. DeepSpeed then sums the shards' gradients over the group (it averages over data parallel only), and the
+    step sees N times the gradient (a gradient norm N times sp=1's; clipping and Adam's scale invariance hide most of
+    it). Here the value is the same mean, but the gradient flows through this rank's own tokens only. ZeRO-3's
+    reduce-scatter (deepspeed/runtime/zero/stage3.py, 0.19.8) averages over the whole group instead of summing the
+    shards, so there the shard's gradient is scaled by N to land on the same step (tested: ZeRO-2 and -3 give sp=1's
+    gradient norms)."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if "labels" not in inputs and "shift_labels" in inputs:  # the adapter pre-shifts labels for the shards
+        inputs["labels"] = inputs["shift_labels"]
+    outputs = model(**inputs)
+    good = (inputs["shift_labels"] != -100).sum().to(outputs.loss.dtype)
+    local = torch.where(good > 0, outputs.loss, torch.zeros_like(outputs.loss)) * good
+    totals = torch.stack([local.detach(), good])
+    dist.all_reduce(totals, group=groups._get_sequence_parallel_group())
+    group = groups._get_sequence_parallel_group()
+    scale = dist.get_world_size(group) if zero_stage == 3 else 1
+    loss = (scale * local + (totals[0] - scale * local.detach())) / totals[1].clamp(min=1)
+    return (loss, outputs) if return_outputs else loss

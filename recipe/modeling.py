@@ -102,9 +102,10 @@ def load_model(model_args, training_args, tokenizer, random_init: bool = False):
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if is_deepspeed_zero3_enabled():
-        # zero.Init partitions over the process group, so it must exist before the weights do
-        # (on CPU, TrainingArguments leaves it to the Trainer, which is too late).
+    if is_deepspeed_zero3_enabled() or getattr(training_args, "sequence_parallel_size", 1) > 1:
+        # zero.Init partitions over the process group, so it must exist before the weights do, and Ulysses builds
+        # its sequence-parallel groups on DeepSpeed's before the engine does (on CPU, TrainingArguments leaves it to
+        # the Trainer, which is too late).
         import deepspeed
 
         if not deepspeed.comm.is_initialized():  # wraps torch's group when accelerate made one

@@ -11,6 +11,7 @@ from trl import SFTTrainer
 from recipe.checkpoints import disk_full_message, last_complete
 from recipe.config import sft_loss_needed
 from recipe.errors import TrainingError
+from recipe.long_context import sequence_parallel_active, sequence_parallel_loss
 from recipe.report import write_json
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
         inputs["return_dict"] = True  # Liger's forward otherwise reads config.use_return_dict, deprecated (a warning)
         if self.args.speed.get("fused_loss") == "trl":
             inputs["fused_lm_head"] = True
+        if model.training and sequence_parallel_active(self.accelerator):
+            return sequence_parallel_loss(model, inputs, return_outputs,  # the group's mean, each shard's gradient
+                                          zero_stage=self.args.ds.stage if self.args.ds else None)
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 

@@ -387,3 +387,45 @@ def test_tiled_mlp_under_zero3_on_two_processes_matches_untiled(tmp_path):
         losses[tiled] = train_losses(only_run_dir(out))
         assert read_summary(out)["tiled_mlp"] is (tiled == "true")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_sequence_parallel_refusals_are_named():
+    from recipe.long_context import sequence_parallel_model_problems, sequence_parallel_problems
+    from recipe.modeling import model_config
+
+    assert sequence_parallel_problems(1, 1, None) == [] and sequence_parallel_problems(2, 4, 3) == []
+    (text,) = sequence_parallel_problems(3, 2, 2)
+    assert "does not divide the 2 processes" in text and "multiple of 3" in text
+    (text,) = sequence_parallel_problems(2, 2, 0)
+    assert "ZeRO 1-3" in text and "--zero_stage 2" in text
+    (text,) = sequence_parallel_problems(2, 2, 2, padding_free=True)
+    assert "--packing_strategy wrapped" in text
+    tiny = model_config(None)  # 4 attention heads
+    assert sequence_parallel_model_problems(2, tiny, None) == []
+    (text,) = sequence_parallel_model_problems(3, tiny, None)
+    assert "4 attention heads" in text and "divisor of 4" in text
+    (text,) = sequence_parallel_model_problems(2, tiny, "eager")
+    assert "--attn_implementation eager" in text and "sdpa" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,extra", [("2", []), ("3", []), ("2", ["--use_peft", "true", "--lora_dropout", "0"]),
+                                         ("2", ["--packing", "true", "--packing_strategy", "wrapped"])],
+                         ids=["zero2", "zero3", "lora", "packed"])
+def test_sequence_parallel_on_two_processes_matches_one(tmp_path, stage, extra):
+    """Ulysses on CPU (gloo, 2 processes, the tiny default's 4 heads split 2 + 2): each sequence split over both
+    ranks trains with the same losses and gradient norms as one process with the whole sequence, fp32."""
+    from conftest import FAST, check_ok, launch, logged, only_run_dir, read_summary
+
+    records = {}
+    for sp, nproc in ((1, 1), (2, 2)):
+        out = tmp_path / f"sp{sp}"
+        check_ok(launch([*FAST, "--global_batch_size", "4", "--zero_stage", stage, "--bf16", "false",
+                         "--sequence_parallel_size", str(sp), *extra], out, nproc=nproc,
+                        launcher="torchrun" if nproc > 1 else "python"))
+        records[sp] = [(r["loss"], r["grad_norm"]) for _, r in sorted(logged(only_run_dir(out)).items())]
+        summary = read_summary(out)
+        assert summary["sequence_parallel_size"] == sp and summary["global_batch_size"] == 4, summary
+    assert len(records[2]) == len(records[1]) == 4
+    for (loss1, norm1), (loss2, norm2) in zip(records[1], records[2]):
+        assert loss2 == pytest.approx(loss1, rel=1e-4) and norm2 == pytest.approx(norm1, rel=1e-4), records
