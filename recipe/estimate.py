@@ -260,6 +260,8 @@ class Workload:
     lora_dropout: float = 0.05
     fused_loss: bool = True  # Liger / TRL chunked head: no full logits
     fused_kernels: bool = True  # compiled layers or Liger kernels (the GPU default); False: eager PyTorch
+    sequence_parallel: int = 1  # Ulysses ranks one sequence is split over (activations per rank / N)
+    tiled_mlp: bool = False  # DeepSpeed's TiledMLP: the MLP's intermediates kept for one shard, not the sequence
 
 
 @dataclass
@@ -316,7 +318,10 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
     the SiLU output (2i) too. LoRA with dropout keeps each adapted linear's dropped-out input for A's gradient:
     2x(5h + q + i) for q/k/v/gate/up (input h), o (input q) and down (input i); the mask itself is regenerated
     from the RNG seed by compiled code (measured, Llama-3.1-8B shape: without this term the estimate was 28%
-    low). Checkpointing keeps each layer's input and recomputes one layer at a time.
+    low). Checkpointing keeps each layer's input and recomputes one layer at a time. The tiled MLP keeps gate, up
+    and their product (6i) for one shard of about hidden_size tokens per row, recomputed in backward, instead of
+    for every token. Ulysses holds 1/N of the tokens on each rank (attention: all of them for 1/N of the heads,
+    the same bytes).
     """
     h, kv, q, i = shape.hidden, shape.kv_dim, shape.q_dim, shape.intermediate
     per_layer = 8 * h + 4 * q + 4 * kv + 6 * i
@@ -324,17 +329,21 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
         per_layer += 2 * 2 * h + 2 * i
     if work.method != "full" and work.lora_dropout > 0:
         per_layer += 2 * (5 * h + q + i)
-    tokens = work.seq_len * work.micro_batch
+    tokens = work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
+    shard = 0.0
+    if work.tiled_mlp:
+        per_layer -= 6 * i
+        shard = min(tokens, h * work.micro_batch) * 6 * i * 2  # one shard's intermediates, and their gradients
     outside = 6 * h  # embedding output, final norm input and output
     if work.gradient_checkpointing:
-        return tokens * (shape.n_layers * 2 * h + per_layer + outside)
-    return tokens * (shape.n_layers * per_layer + outside)
+        return tokens * (shape.n_layers * 2 * h + per_layer + outside) + shard
+    return tokens * (shape.n_layers * per_layer + outside) + shard
 
 
 def loss_head_bytes(shape: ModelShape, work: Workload, head_trained: bool) -> float:
     """The LM head's loss. Fused (Liger / TRL chunked): fp32 weight gradient + gradient of the input + a
     chunk of logits. Unfused: bf16 logits, their fp32 copy and its gradient for every token."""
-    tokens = work.seq_len * work.micro_batch
+    tokens = work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
     if not work.fused_loss:
         return tokens * shape.vocab * 10
     return (4 * shape.vocab * shape.hidden if head_trained else 0) + 2 * tokens * shape.hidden
@@ -643,7 +652,9 @@ def run_workload(training_args, model_args) -> Workload:
     return Workload(seq_len=training_args.max_length or 1024, micro_batch=training_args.per_device_train_batch_size,
                     gradient_checkpointing=bool(training_args.gradient_checkpointing), method=method,
                     lora_rank=model_args.lora_r, lora_dropout=model_args.lora_dropout,
-                    fused_loss=not training_args.token_metrics)
+                    fused_loss=not training_args.token_metrics,
+                    sequence_parallel=getattr(training_args, "sequence_parallel_size", 1),
+                    tiled_mlp=bool(getattr(training_args, "speed", {}).get("tiled_mlp")))
 
 
 def plan(shape: ModelShape, hw: Hardware, work: Workload, configs: dict[str, dict] | None = None,

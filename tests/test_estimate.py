@@ -300,3 +300,23 @@ def test_longest_sequence_is_the_last_length_that_fits():
     assert E.longest_sequence(shape, configs["stage2"], hw, ckpt, "stage2") > longest
     small = E.Hardware(1, 8.0, gpu_name="small")
     assert E.longest_sequence(shape, configs["stage2"], small, work, "stage2") == 0
+
+
+def test_long_sequence_levers_shrink_the_activations_and_lengthen_the_longest_fit():
+    """The tiled MLP keeps one shard's MLP intermediates, not every token's; Ulysses over N ranks holds 1/N of the
+    tokens per rank; both lengthen --dry_run's longest sequence, and the levers line names them."""
+    from dataclasses import replace
+
+    shape = E.load_shape(str(MODELS / "llama-3.2-1b"))
+    configs = E.shipped_configs()
+    hw = E.Hardware(1, 139.8, gpu_name="NVIDIA H200")
+    work = E.Workload(seq_len=131072, micro_batch=1, gradient_checkpointing=True)
+    base = E.activation_bytes(shape, work)
+    tiled = E.activation_bytes(shape, replace(work, tiled_mlp=True))
+    split = E.activation_bytes(shape, replace(work, sequence_parallel=4))
+    assert tiled < base and split == pytest.approx(base / 4)
+    # checkpointing keeps one layer's activations: the tiled MLP removes that layer's 6i per token, less one shard
+    i, h = shape.intermediate, shape.hidden
+    assert base - tiled == pytest.approx(131072 * 6 * i - h * 6 * i * 2)
+    plain = E.longest_sequence(shape, configs["stage2"], hw, work, "stage2", cap=2**22)
+    assert E.longest_sequence(shape, configs["stage2"], hw, replace(work, tiled_mlp=True), "stage2", cap=2**22) > plain

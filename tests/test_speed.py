@@ -414,18 +414,23 @@ def test_sequence_parallel_refusals_are_named():
                          ids=["zero2", "zero3", "lora", "packed"])
 def test_sequence_parallel_on_two_processes_matches_one(tmp_path, stage, extra):
     """Ulysses on CPU (gloo, 2 processes, the tiny default's 4 heads split 2 + 2): each sequence split over both
-    ranks trains with the same losses and gradient norms as one process with the whole sequence, fp32."""
+    ranks trains with the same losses and gradient norms as one process with the whole sequence, fp32, and evaluates
+    to the same eval loss."""
     from conftest import FAST, check_ok, launch, logged, only_run_dir, read_summary
 
-    records = {}
+    records, evals = {}, {}
     for sp, nproc in ((1, 1), (2, 2)):
         out = tmp_path / f"sp{sp}"
         check_ok(launch([*FAST, "--global_batch_size", "4", "--zero_stage", stage, "--bf16", "false",
+                         "--eval_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "16",
                          "--sequence_parallel_size", str(sp), *extra], out, nproc=nproc,
                         launcher="torchrun" if nproc > 1 else "python"))
-        records[sp] = [(r["loss"], r["grad_norm"]) for _, r in sorted(logged(only_run_dir(out)).items())]
+        records[sp] = [(r["loss"], r["grad_norm"]) for _, r in sorted(logged(only_run_dir(out)).items())
+                       if "loss" in r]
         summary = read_summary(out)
         assert summary["sequence_parallel_size"] == sp and summary["global_batch_size"] == 4, summary
+        evals[sp] = summary["eval_loss"]
+    assert evals[2] == pytest.approx(evals[1], rel=1e-4)  # eval runs whole sequences on every rank (not split)
     assert len(records[2]) == len(records[1]) == 4
     for (loss1, norm1), (loss2, norm2) in zip(records[1], records[2]):
         assert loss2 == pytest.approx(loss1, rel=1e-4) and norm2 == pytest.approx(norm1, rel=1e-4), records
