@@ -271,6 +271,7 @@ def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer,
         "token_metrics": training_args.token_metrics,
         "loss_type": training_args.loss_type,
         "gradient_checkpointing": bool(training_args.gradient_checkpointing),
+        "activation_offloading": bool(training_args.activation_offloading),
         "sequence_parallel_size": training_args.sequence_parallel_size,
         "global_batch_size": training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps * (world // training_args.sequence_parallel_size),

@@ -309,6 +309,9 @@ class TrainConfig(SFTConfig):
 
             problems += fp8_problems(self.fp8_recipe, cuda=cuda, bf16=self.bf16, fp16=self.fp16,
                                      capability=torch.cuda.get_device_capability() if cuda else None)
+        if self.activation_offloading and not cuda:
+            problems.append("--activation_offloading moves saved activations to pinned host memory over CUDA streams: "
+                            "it needs a CUDA GPU; drop it on CPU.")
         problems += loss_option_problems(self)
         if problems:
             raise ConfigError(problems)

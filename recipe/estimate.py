@@ -18,7 +18,7 @@ limit, never MemTotal.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 GiB = 2**30
@@ -262,6 +262,7 @@ class Workload:
     fused_kernels: bool = True  # compiled layers or Liger kernels (the GPU default); False: eager PyTorch
     sequence_parallel: int = 1  # Ulysses ranks one sequence is split over (activations per rank / N)
     tiled_mlp: bool = False  # DeepSpeed's TiledMLP: the MLP's intermediates kept for one shard, not the sequence
+    activation_offload: bool = False  # TRL's activation offloading: saved activations in pinned host memory
 
 
 @dataclass
@@ -335,9 +336,23 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
         per_layer -= 6 * i
         shard = min(tokens, h * work.micro_batch) * 6 * i * 2  # one shard's intermediates, and their gradients
     outside = 6 * h  # embedding output, final norm input and output
+    if work.activation_offload:  # what is saved goes to the host (offloaded_activation_bytes); one layer's works here
+        return tokens * (per_layer + outside) + shard
     if work.gradient_checkpointing:
         return tokens * (shape.n_layers * 2 * h + per_layer + outside) + shard
     return tokens * (shape.n_layers * per_layer + outside) + shard
+
+
+def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:
+    """Host bytes per process of --activation_offloading: each layer's saved tensors (with checkpointing, its input;
+    without, all of activation_bytes' per-layer terms), in pinned memory."""
+    if not work.activation_offload:
+        return 0.0
+    layer_only = replace(work, activation_offload=False, gradient_checkpointing=False)
+    tokens = work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
+    if work.gradient_checkpointing:
+        return tokens * shape.n_layers * 2 * shape.hidden
+    return activation_bytes(shape, layer_only) - tokens * 6 * shape.hidden
 
 
 def loss_head_bytes(shape: ModelShape, work: Workload, head_trained: bool) -> float:
@@ -471,7 +486,7 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
         # a 16-bit copy of the trained weights beside the CPU share (fitted to the probe, 8B shape: 50 / 72 GiB
         # measured at ratio 0.2 / 0.4, estimated 54 / 90 GiB; the other offload rows are 4-27% above their RSS too)
         kept += 2 * trained / hw.nodes
-    cpu = procs * CPU_PROCESS_GIB * GiB + max(load, kept)
+    cpu = procs * CPU_PROCESS_GIB * GiB + max(load, kept) + procs * offloaded_activation_bytes(shape, work)
     # a checkpoint: 16-bit weights + fp32 master and Adam moments of the trained parameters
     disk = 2 * shape.n_params + 12 * trained if full else 2 * trained + 12 * trained
     problems = config_problems(shape, config, hw, name)
@@ -654,7 +669,8 @@ def run_workload(training_args, model_args) -> Workload:
                     lora_rank=model_args.lora_r, lora_dropout=model_args.lora_dropout,
                     fused_loss=not training_args.token_metrics,
                     sequence_parallel=getattr(training_args, "sequence_parallel_size", 1),
-                    tiled_mlp=bool(getattr(training_args, "speed", {}).get("tiled_mlp")))
+                    tiled_mlp=bool(getattr(training_args, "speed", {}).get("tiled_mlp")),
+                    activation_offload=bool(getattr(training_args, "activation_offloading", False)))
 
 
 def plan(shape: ModelShape, hw: Hardware, work: Workload, configs: dict[str, dict] | None = None,

@@ -320,3 +320,21 @@ def test_long_sequence_levers_shrink_the_activations_and_lengthen_the_longest_fi
     assert base - tiled == pytest.approx(131072 * 6 * i - h * 6 * i * 2)
     plain = E.longest_sequence(shape, configs["stage2"], hw, work, "stage2", cap=2**22)
     assert E.longest_sequence(shape, configs["stage2"], hw, replace(work, tiled_mlp=True), "stage2", cap=2**22) > plain
+
+
+def test_activation_offloading_moves_the_saved_activations_to_the_host():
+    """--activation_offloading with checkpointing: each layer's saved input goes to pinned host memory (n_layers x 2h
+    bytes per token, per process), the GPU keeps one layer's working set."""
+    from dataclasses import replace
+
+    shape = E.load_shape(str(MODELS / "llama-3.2-1b"))
+    hw = E.Hardware(1, 139.8, 1, 125, gpu_name="NVIDIA H200")
+    work = E.Workload(seq_len=65536, micro_batch=1, gradient_checkpointing=True)
+    moved = replace(work, activation_offload=True)
+    saved = 65536 * shape.n_layers * 2 * shape.hidden
+    assert E.offloaded_activation_bytes(shape, moved) == saved and E.offloaded_activation_bytes(shape, work) == 0
+    assert E.activation_bytes(shape, work) - E.activation_bytes(shape, moved) == pytest.approx(saved)
+    config = E.shipped_configs()["stage2"]
+    before, after = E.estimate(shape, config, hw, work, "stage2"), E.estimate(shape, config, hw, moved, "stage2")
+    assert after["cpu_per_node"] - before["cpu_per_node"] == pytest.approx(saved)
+    assert before["activations"] - after["activations"] == pytest.approx(saved)  # the peak may be the step

@@ -436,3 +436,13 @@ def test_sequence_parallel_on_two_processes_matches_one(tmp_path, stage, extra):
     assert len(records[2]) == len(records[1]) == 4
     for (loss1, norm1), (loss2, norm2) in zip(records[1], records[2]):
         assert loss2 == pytest.approx(loss1, rel=1e-4) and norm2 == pytest.approx(norm1, rel=1e-4), records
+
+
+def test_activation_offloading_on_cpu_stops_before_any_weights_load():
+    """TRL's activation offloading uses CUDA streams and pinned memory; on CPU it crashed inside the first step with
+    a CUDA driver error. Now: one line with the fix, before any weights load."""
+    from recipe.config import parse_args
+
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--report_to", "none", "--activation_offloading", "true"])
+    assert "--activation_offloading" in str(err.value) and "CUDA GPU" in str(err.value)
