@@ -146,8 +146,9 @@ class TrainConfig(SFTConfig):
         metadata={"help": "LM-head loss without full logits: 'liger' (fused linear cross-entropy, one pass), "
                   "'trl' (TRL's chunked head; logs token accuracy). auto: liger on CUDA, else trl.", "choices": ["auto", "liger", "trl"]},
     )
-    compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA (not with the tiled MLP); "
-                                    "under ZeRO-3 each layer is a ZeRO-3 leaf module and its forward compiles.")
+    compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA (not with the tiled MLP; "
+                                    "under ZeRO-3 only with --fp8 and no parameter offload); under ZeRO-3 each "
+                                    "layer is a ZeRO-3 leaf module and its forward compiles.")
     liger_kernels: str = auto_flag("Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are "
                                    "not compiled.")
     fp8: bool = field(
@@ -302,7 +303,9 @@ class TrainConfig(SFTConfig):
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                                                    self.ds.stage if self.ds else None, cuda,
                                                    varlen_attention=self.varlen_attention, padding_free=padding_free,
-                                                   tiled_mlp=tiled_mlp_wanted(self.tiled_mlp, self.max_length))
+                                                   tiled_mlp=tiled_mlp_wanted(self.tiled_mlp, self.max_length),
+                                                   fp8=bool(self.fp8),
+                                                   param_offload=bool(self.ds and self.ds.offload_param))
         problems += speed_problems
         if self.fp8:
             from recipe.fp8 import fp8_problems
