@@ -157,3 +157,32 @@ def sequence_parallel_loss(model, inputs: dict, return_outputs: bool = False, ze
     scale = dist.get_world_size(group) if zero_stage == 3 else 1
     loss = (scale * local + (totals[0] - scale * local.detach())) / totals[1].clamp(min=1)
     return (loss, outputs) if return_outputs else loss
+
+
+def resumable_under_sequence_parallel() -> None:
+    """Resume skips the batches already trained with accelerate's skip_first_batches, which reads the dataloader's
+    dataset; under Ulysses the Trainer holds DeepSpeed's UlyssesSPDataLoaderAdapter, which has none (resume died with
+    "'UlyssesSPDataLoaderAdapter' object has no attribute 'dataset'"). Patched in transformers.trainer, once: skip
+    the wrapped dataloader's batches (the adapter yields N micro-batches per batch, one per rank of the group) and
+    wrap it again, then the remainder from the new adapter."""
+    import transformers.trainer as hf_trainer
+
+    from recipe.ds_config import ds_attr
+
+    original = hf_trainer.skip_first_batches
+    if getattr(original, "_recipe_sp", False):
+        return
+    adapter = ds_attr("deepspeed.runtime.sequence_parallel.ulysses_sp", "UlyssesSPDataLoaderAdapter")
+
+    def skip_first_batches(dataloader, num_batches=0):
+        if not isinstance(dataloader, adapter):
+            return original(dataloader, num_batches)
+        whole, rest = divmod(num_batches, dataloader.sp_world_size)
+        resumed = adapter(original(dataloader.dl, whole), sp_rank=dataloader.sp_rank, sp_group=dataloader.sp_group,
+                          sp_world_size=dataloader.sp_world_size, device=dataloader.device)
+        for _ in range(rest):
+            next(resumed)
+        return resumed
+
+    skip_first_batches._recipe_sp = True
+    hf_trainer.skip_first_batches = skip_first_batches

@@ -11,7 +11,8 @@ from trl import SFTTrainer
 from recipe.checkpoints import disk_full_message, last_complete
 from recipe.config import sft_loss_needed
 from recipe.errors import TrainingError
-from recipe.long_context import sequence_parallel_active, sequence_parallel_loss
+from recipe.long_context import (resumable_under_sequence_parallel, sequence_parallel_active,
+                                 sequence_parallel_loss)
 from recipe.report import write_json
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
             from recipe.universal import begin_load
 
             begin_load(plan, self.args, self.accelerator.state.deepspeed_plugin)
+        if plan is not None and getattr(self.args, "sequence_parallel_size", 1) > 1:
+            resumable_under_sequence_parallel()
         return super().train(str(plan.checkpoint) if plan is not None else None, *args, **kwargs)
 
     def create_accelerator_and_postprocess(self):

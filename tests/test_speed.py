@@ -455,3 +455,23 @@ def test_activation_offloading_on_cpu_stops_before_any_weights_load():
     with pytest.raises(ConfigError) as err:
         parse_args(["--report_to", "none", "--activation_offloading", "true"])
     assert "--activation_offloading" in str(err.value) and "CUDA GPU" in str(err.value)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_run_resumes_where_it_stopped(tmp_path):
+    """Ulysses (sp=2, 2 CPU processes) saved at step 2 of 4 and rerun from there: the resumed steps log the losses
+    of the uninterrupted run (resume had died: the Trainer's batch skipping read the SP adapter's missing dataset)."""
+    import shutil
+
+    from conftest import FAST, check_ok, launch, logged, only_run_dir, read_summary
+
+    args = [*FAST, "--global_batch_size", "4", "--bf16", "false", "--sequence_parallel_size", "2",
+            "--save_strategy", "steps", "--save_steps", "2"]
+    check_ok(launch(args, tmp_path, nproc=2, launcher="torchrun"))
+    run = only_run_dir(tmp_path)
+    whole = {s: r["loss"] for s, r in logged(run).items()}
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    check_ok(launch(args, tmp_path, nproc=2, launcher="torchrun"))
+    assert read_summary(tmp_path)["resumed_from"].endswith("checkpoint-2")
+    resumed = {s: r["loss"] for s, r in logged(run).items()}
+    assert sorted(resumed) == [1, 2, 3, 4] and resumed == pytest.approx(whole, rel=1e-4)
