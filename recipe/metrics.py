@@ -126,12 +126,24 @@ class ThroughputMeter:
         self.tokens = self.tokens + tokens
         self.sum_sq = self.sum_sq + sum_sq
 
-    def report(self) -> dict:
-        """Rates since the last report (a logging interval), then start a new interval."""
+    def report(self, sp_group=None) -> dict:
+        """Rates since the last report (a logging interval), then start a new interval.
+
+        sp_group: the Ulysses group, whose ranks each hold a shard of every sequence but attend over all of it for
+        1/N of the heads: tokens and attention terms are the group's, / N per rank (padding leaves the shards of
+        short rows unequal; per GPU, the group's work is shared equally)."""
         if self.cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
         elapsed = max(now - (self.start or now), 1e-9)
+        if sp_group is not None:
+            import torch.distributed as dist
+
+            device = self.tokens.device if torch.is_tensor(self.tokens) else None
+            shared = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                  for v in (self.tokens, self.sum_sq)])
+            dist.all_reduce(shared, group=sp_group)
+            self.tokens, self.sum_sq = shared / dist.get_world_size(sp_group)
         tokens, sum_sq = float(self.tokens), float(self.sum_sq)
         flops = model_flops(tokens, sum_sq, self.n_params, self.n_layers, self.hidden, self.frozen_params)
         out = {

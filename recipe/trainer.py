@@ -30,7 +30,12 @@ class ThroughputMixin:
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.meter is not None and "loss" in logs:
-            logs.update(self.meter.report())
+            group = None
+            if sequence_parallel_active(self.accelerator):
+                from deepspeed.utils import groups
+
+                group = groups._get_sequence_parallel_group()
+            logs.update(self.meter.report(sp_group=group))
         super().log(logs, start_time)
 
 

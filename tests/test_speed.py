@@ -427,7 +427,7 @@ def test_sequence_parallel_on_two_processes_matches_one(tmp_path, stage, extra):
     to the same eval loss."""
     from conftest import FAST, check_ok, launch, logged, only_run_dir, read_summary
 
-    records, evals = {}, {}
+    records, evals, flops = {}, {}, {}
     for sp, nproc in ((1, 1), (2, 2)):
         out = tmp_path / f"sp{sp}"
         check_ok(launch([*FAST, "--global_batch_size", "4", "--zero_stage", stage, "--bf16", "false",
@@ -436,6 +436,9 @@ def test_sequence_parallel_on_two_processes_matches_one(tmp_path, stage, extra):
                         launcher="torchrun" if nproc > 1 else "python"))
         records[sp] = [(r["loss"], r["grad_norm"]) for _, r in sorted(logged(only_run_dir(out)).items())
                        if "loss" in r]
+        # model FLOPs per token (attention over the whole sequence, though each rank holds a shard of it)
+        flops[sp] = [r["tflops_per_device"] * 1e12 / r["tokens_per_second_per_device"]
+                     for _, r in sorted(logged(only_run_dir(out)).items())]
         summary = read_summary(out)
         assert summary["sequence_parallel_size"] == sp and summary["global_batch_size"] == 4, summary
         evals[sp] = summary["eval_loss"]
@@ -443,6 +446,7 @@ def test_sequence_parallel_on_two_processes_matches_one(tmp_path, stage, extra):
     # differently than in one process (a 2-process sp=1 run evaluates to the same 4.39135 as sp=2, 2026-12-02)
     assert evals[2] == pytest.approx(evals[1], rel=1e-3 if "--packing" in extra else 1e-4)
     assert len(records[2]) == len(records[1]) == 4
+    assert flops[2] == pytest.approx(flops[1], rel=1e-3), flops
     for (loss1, norm1), (loss2, norm2) in zip(records[1], records[2]):
         assert loss2 == pytest.approx(loss1, rel=1e-4) and norm2 == pytest.approx(norm1, rel=1e-4), records
 
