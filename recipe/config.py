@@ -144,7 +144,8 @@ class TrainConfig(SFTConfig):
     fused_loss: str = field(
         default="auto",
         metadata={"help": "LM-head loss without full logits: 'liger' (fused linear cross-entropy, one pass), "
-                  "'trl' (TRL's chunked head; logs token accuracy). auto: liger on CUDA, else trl.", "choices": ["auto", "liger", "trl"]},
+                  "'trl' (TRL's chunked head; logs token accuracy). auto: liger on CUDA, else trl.",
+                  "choices": ["auto", "liger", "trl"]},
     )
     compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA (not with the tiled MLP; "
                                     "under ZeRO-3 only with --fp8 and no parameter offload); under ZeRO-3 each "
@@ -249,12 +250,12 @@ class TrainConfig(SFTConfig):
             except ConfigError as e:
                 problems += e.problems
                 self.deepspeed, self.ds_config_path = None, None
+        padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")))
         sp = self.sequence_parallel_size
         if sp != 1:
             from recipe.long_context import sequence_parallel_problems
 
-            problems += sequence_parallel_problems(sp, world, self.ds.stage if self.ds else None, bool(
-                self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split"))))
+            problems += sequence_parallel_problems(sp, world, self.ds.stage if self.ds else None, padding_free)
         dp_world = max(1, world // max(1, sp))  # processes that see different data
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * dp_world
@@ -299,7 +300,6 @@ class TrainConfig(SFTConfig):
             elif isinstance(asked, int) and asked % sp:
                 problems.append(f"--pad_to_multiple_of {self.pad_to_multiple_of} with --sequence_parallel_size {sp}: "
                                 f"each batch's length must split over {sp} ranks; use a multiple of {sp}.")
-        padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")))
         self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                                                    self.ds.stage if self.ds else None, cuda,
                                                    varlen_attention=self.varlen_attention, padding_free=padding_free,

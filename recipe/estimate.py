@@ -310,6 +310,11 @@ def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
                       max_in_cpu=float(offload("offload_param", "max_in_cpu", 1e9)))
 
 
+def rank_tokens(work: Workload) -> float:
+    """Tokens of one micro-batch on one rank (Ulysses splits each sequence over its group)."""
+    return work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
+
+
 def activation_bytes(shape: ModelShape, work: Workload) -> float:
     """Saved activations of one micro-batch, bf16.
 
@@ -330,7 +335,7 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
         per_layer += 2 * 2 * h + 2 * i
     if work.method != "full" and work.lora_dropout > 0:
         per_layer += 2 * (5 * h + q + i)
-    tokens = work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
+    tokens = rank_tokens(work)
     shard = 0.0
     if work.tiled_mlp:
         per_layer -= 6 * i
@@ -348,17 +353,17 @@ def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:
     without, all of activation_bytes' per-layer terms), in pinned memory."""
     if not work.activation_offload:
         return 0.0
-    layer_only = replace(work, activation_offload=False, gradient_checkpointing=False)
-    tokens = work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
+    tokens = rank_tokens(work)
     if work.gradient_checkpointing:
         return tokens * shape.n_layers * 2 * shape.hidden
+    layer_only = replace(work, activation_offload=False, gradient_checkpointing=False)
     return activation_bytes(shape, layer_only) - tokens * 6 * shape.hidden
 
 
 def loss_head_bytes(shape: ModelShape, work: Workload, head_trained: bool) -> float:
     """The LM head's loss. Fused (Liger / TRL chunked): fp32 weight gradient + gradient of the input + a
     chunk of logits. Unfused: bf16 logits, their fp32 copy and its gradient for every token."""
-    tokens = work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
+    tokens = rank_tokens(work)
     if not work.fused_loss:
         return tokens * shape.vocab * 10
     return (4 * shape.vocab * shape.hidden if head_trained else 0) + 2 * tokens * shape.hidden

@@ -81,16 +81,18 @@ SP_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 def sequence_parallel_problems(sp: int, world: int, zero_stage: int | None, padding_free: bool = False) -> list[str]:
     """What the process count and DeepSpeed config say about --sequence_parallel_size (no model needed)."""
-    problems = []
     if sp < 1:
         return [f"--sequence_parallel_size {sp}: give 1 (off) or the ranks to split each sequence over."]
-    if sp > 1 and world % sp:
+    if sp == 1:
+        return []
+    problems = []
+    if world % sp:
         problems.append(f"--sequence_parallel_size {sp} does not divide the {world} processes: use a divisor of "
                         f"{world} (data parallel runs over processes / N), or launch a multiple of {sp} processes.")
-    if sp > 1 and not zero_stage:
+    if not zero_stage:
         problems.append(f"--sequence_parallel_size {sp} needs DeepSpeed ZeRO 1-3 (its sequence-parallel groups live in "
                         "the engine): use --zero_stage 2 or 3, not 0.")
-    if sp > 1 and padding_free:
+    if padding_free:
         problems.append(f"--sequence_parallel_size {sp} with padding-free packing (--packing with the bfd strategy, or "
                         "--padding_free): DeepSpeed's Ulysses data adapter shards (batch, length) tensors only; use "
                         "--packing_strategy wrapped (fixed-length packed rows) or --packing false.")
@@ -111,8 +113,8 @@ def sequence_parallel_model_problems(sp: int, config, attn_implementation: str |
         problems.append(f"--sequence_parallel_size {sp}: the model's {kv} key/value heads neither divide by nor "
                         f"divide {sp}; use a divisor of {kv}.")
     if attn_implementation not in (None, *SP_ATTENTION):
-        problems.append(f"--sequence_parallel_size {sp} with --attn_implementation {attn_implementation}: Ulysses wraps "
-                        f"{', '.join(SP_ATTENTION)} only; drop --attn_implementation (sdpa) or pick one of them.")
+        problems.append(f"--sequence_parallel_size {sp} with --attn_implementation {attn_implementation}: Ulysses "
+                        f"wraps {', '.join(SP_ATTENTION)} only; drop --attn_implementation (sdpa) or pick one of them.")
     return problems
 
 
@@ -152,8 +154,8 @@ def sequence_parallel_loss(model, inputs: dict, return_outputs: bool = False, ze
     good = (inputs["shift_labels"] != -100).sum().to(outputs.loss.dtype)
     local = torch.where(good > 0, outputs.loss, torch.zeros_like(outputs.loss)) * good
     totals = torch.stack([local.detach(), good])
-    dist.all_reduce(totals, group=groups._get_sequence_parallel_group())
     group = groups._get_sequence_parallel_group()
+    dist.all_reduce(totals, group=group)
     scale = dist.get_world_size(group) if zero_stage == 3 else 1
     loss = (scale * local + (totals[0] - scale * local.detach())) / totals[1].clamp(min=1)
     return (loss, outputs) if return_outputs else loss

@@ -277,6 +277,10 @@ def _needs(ds) -> str:
     return "DeepSpeed's CPUAdam op, which cannot build here: apt install g++ python3-dev"
 
 
+def lengths_text(longest: dict[str, int]) -> str:
+    return ", ".join(f"{n} {v // 1024}K" if v else f"{n} none" for n, v in longest.items())
+
+
 def dry_run(training_args, model_args, run_dir: Path, is_main: bool) -> dict:
     """--dry_run: the configuration has passed its checks; estimate memory, recommend, stop. No weights load."""
     shape = estimate.load_shape(model_args.model_name_or_path, model_args.model_revision,
@@ -295,24 +299,21 @@ def dry_run(training_args, model_args, run_dir: Path, is_main: bool) -> dict:
         rec = estimate.Recommendation(None, 0, False, "no CUDA GPU here, so no GPU memory to fit: run "
                                       "scripts/estimate_memory.py --model ... --gpus N --gpu_memory_gib G")
         text = estimate.format_table(rows) + f"\n\nRecommended: {rec.reason}."
-        longest, result_levers = {}, {}
+        longest, longer = {}, {}
     else:
         rows, rec = estimate.plan(shape, hw, work, configs)
         text = estimate.report(shape, hw, work, rows, rec)
         longest = {n: estimate.longest_sequence(shape, c, hw, work, n) for n, c in configs.items()}
         text += ("\n\nLongest sequence that fits here by the estimate (micro-batch %d, gradient checkpointing %s): %s."
-                 % (work.micro_batch, "on" if work.gradient_checkpointing else "off",
-                    ", ".join(f"{n} {v // 1024}K" if v else f"{n} none" for n, v in longest.items())))
-        result_levers = {}
+                 % (work.micro_batch, "on" if work.gradient_checkpointing else "off", lengths_text(longest)))
+        longer = {}
         if not (work.gradient_checkpointing and work.tiled_mlp):  # the long-sequence levers this run leaves off
             levers = replace(work, gradient_checkpointing=True, tiled_mlp=True)
             longer = {n: estimate.longest_sequence(shape, c, hw, levers, n) for n, c in configs.items()}
-            result_levers = longer
-            text += ("\nWith --gradient_checkpointing true --tiled_mlp true: %s."
-                     % ", ".join(f"{n} {v // 1024}K" if v else f"{n} none" for n, v in longer.items()))
+            text += f"\nWith --gradient_checkpointing true --tiled_mlp true: {lengths_text(longer)}."
     result = estimate.to_json(shape, hw, work, rows, rec)
     result["longest_sequence"] = longest
-    result["longest_sequence_with_checkpointing_and_tiled_mlp"] = result_levers
+    result["longest_sequence_with_checkpointing_and_tiled_mlp"] = longer
     result["this_run"] = next(estimate.gib_row(r) for r in rows if r["config"] == this)
     result["host_memory"] = check
     if is_main:

@@ -10,9 +10,9 @@ Each is a flag (TrainConfig) with "auto" choosing the fast option where it is kn
 - compile_layers: torch.compile each decoder layer (fuses RMSNorm, SwiGLU, RoPE and the residual
   adds; one compiled graph serves every layer). auto: on with CUDA; under ZeRO-3 only with --fp8
   and no parameter offload (in bf16 it measured no faster than Liger's kernels on one H200:
-  57.3k tokens/s both). Under ZeRO-3 each decoder layer becomes a ZeRO-3 leaf module (DeepSpeed gathers the layer's parameters at once, with no hooks
-  inside it to split the graph) and the layer's forward is what compiles (DeepSpeed's hooks on the
-  layer itself stay eager).
+  57.3k tokens/s both). Under ZeRO-3 each decoder layer becomes a ZeRO-3 leaf module (DeepSpeed
+  gathers the layer's parameters at once, with no hooks inside it to split the graph) and the
+  layer's forward is what compiles (DeepSpeed's hooks on the layer itself stay eager).
 - liger_kernels: Liger's RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA where layers are not
   compiled (compiled layers fuse these themselves).
 - tiled_mlp: DeepSpeed's TiledMLP over sequence shards (recipe.long_context); auto: from 32K tokens
@@ -89,11 +89,11 @@ def apply_speed(model, choices: dict) -> None:
         on = choices["liger_kernels"]
         _apply_liger_kernel_to_instance(model=model, rope=on, rms_norm=on, swiglu=on, cross_entropy=False,
                                         fused_linear_cross_entropy=choices["fused_loss"] == "liger")
+    layers = decoder_layers(model)
     if choices.get("tiled_mlp"):  # around whatever MLP forward Liger left; never with compiled layers
         from recipe.long_context import apply_tiled_mlp
 
-        apply_tiled_mlp(decoder_layers(model))
-    layers = decoder_layers(model)
+        apply_tiled_mlp(layers)
     if choices.get("zero3_leaf_layers") and layers is not None:
         from deepspeed.utils import set_z3_leaf_module
 
