@@ -32,7 +32,7 @@ from recipe.ds_check import check_ds_config, nvme_problems
 from recipe.ds_config import DsConfig, resolve
 from recipe.errors import ConfigError, TrainingError  # noqa: F401  (re-exported: recipe.config.ConfigError)
 from recipe.hardware import master_port_problem, resolve_precision, world_size
-from recipe.long_context import tiled_mlp_wanted
+from recipe.long_context import activation_offload_wanted, tiled_mlp_wanted
 from recipe.speed import AUTO_TRUE_FALSE, resolve_speed
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,10 @@ class TrainConfig(SFTConfig):
     tiled_mlp: str = auto_flag("Run each MLP in sequence shards without keeping their activations (DeepSpeed's "
                                "TiledMLP, recomputed in backward): long sequences in less memory. auto: on from 32768 "
                                "tokens of --max_length.")
+    activation_offloading: str = auto_flag("Move saved activations (with gradient checkpointing: each layer's input) "
+                                           "to pinned host memory in forward and back for backward (TRL's "
+                                           "offloading, CUDA only). auto: on with CUDA from 131072 tokens of "
+                                           "--max_length.")
     sequence_parallel_size: int = field(
         default=1,
         metadata={"help": "Ulysses sequence parallelism (DeepSpeed ALST through accelerate): each sequence split over "
@@ -312,7 +316,9 @@ class TrainConfig(SFTConfig):
 
             problems += fp8_problems(self.fp8_recipe, cuda=cuda, bf16=self.bf16, fp16=self.fp16,
                                      capability=torch.cuda.get_device_capability() if cuda else None)
-        if self.activation_offloading and not cuda:
+        offload_asked = self.activation_offloading in (True, "true", "True")
+        self.activation_offloading = activation_offload_wanted(self.activation_offloading, self.max_length, cuda)
+        if offload_asked and not cuda:
             problems.append("--activation_offloading moves saved activations to pinned host memory over CUDA streams: "
                             "it needs a CUDA GPU; drop it on CPU.")
         problems += loss_option_problems(self)

@@ -26,6 +26,19 @@ def tiled_mlp_wanted(flag: str, max_length: int | None) -> bool:
     return flag == "true" or (flag == "auto" and (max_length or 0) >= TILED_MLP_AUTO_LENGTH)
 
 
+# From here each layer's checkpointed input (max_length x hidden_size in bf16: 1 GiB per layer at 128K for the 1B
+# shape, 2 GiB for 8B) is the largest thing a long run keeps on the GPU, and its copy to pinned host memory and back
+# is small beside the attention's quadratic time.
+ACTIVATION_OFFLOAD_AUTO_LENGTH = 131072
+
+
+def activation_offload_wanted(flag, max_length: int | None, cuda: bool) -> bool:
+    """--activation_offloading (TRL's offloading of saved tensors to pinned host memory): true, false, or auto (on
+    with CUDA from ACTIVATION_OFFLOAD_AUTO_LENGTH tokens of max_length). A YAML recipe may give a bool."""
+    flag = {True: "true", False: "false"}.get(flag, str(flag).lower())
+    return flag == "true" or (flag == "auto" and cuda and (max_length or 0) >= ACTIVATION_OFFLOAD_AUTO_LENGTH)
+
+
 def shards_for(tokens: int, hidden: int) -> int:
     """ALST's shard count: each shard about hidden_size tokens long."""
     return max(1, math.ceil(tokens / hidden))

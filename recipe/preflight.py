@@ -307,13 +307,14 @@ def dry_run(training_args, model_args, run_dir: Path, is_main: bool) -> dict:
         text += ("\n\nLongest sequence that fits here by the estimate (micro-batch %d, gradient checkpointing %s): %s."
                  % (work.micro_batch, "on" if work.gradient_checkpointing else "off", lengths_text(longest)))
         longer = {}
-        if not (work.gradient_checkpointing and work.tiled_mlp):  # the long-sequence levers this run leaves off
-            levers = replace(work, gradient_checkpointing=True, tiled_mlp=True)
+        if not (work.gradient_checkpointing and work.tiled_mlp and work.activation_offload):  # levers left off
+            levers = replace(work, gradient_checkpointing=True, tiled_mlp=True, activation_offload=True)
             longer = {n: estimate.longest_sequence(shape, c, hw, levers, n) for n, c in configs.items()}
-            text += f"\nWith --gradient_checkpointing true --tiled_mlp true: {lengths_text(longer)}."
+            text += ("\nWith --gradient_checkpointing true --tiled_mlp true --activation_offloading true (checkpoints "
+                     f"in host memory; past the model's positions add --rope_scaling): {lengths_text(longer)}.")
     result = estimate.to_json(shape, hw, work, rows, rec)
     result["longest_sequence"] = longest
-    result["longest_sequence_with_checkpointing_and_tiled_mlp"] = longer
+    result["longest_sequence_with_long_context_levers"] = longer
     result["this_run"] = next(estimate.gib_row(r) for r in rows if r["config"] == this)
     result["host_memory"] = check
     if is_main:

@@ -248,12 +248,13 @@ def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, c
         "seq_len": seq_len, "lengths": lengths,
         "tokens_per_second_per_gpu": tps, "tflops_per_gpu": s.get("tflops_per_device"), "mfu": s.get("mfu"),
         "mfu_convention": MFU_FORMULA,
-        "peak_memory_gib": s.get("peak_memory_gib"),
+        "peak_memory_gib": s.get("peak_memory_gib"), "host_peak_rss_gib": s.get("cpu_peak_rss_gib"),
         "step_time_s": batch * seq_len / tps if tps and lengths == "fixed" else None,
         "loss": s.get("train_loss"), "status": status,
         "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "varlen_attention",
                                           "zero3_leaf_layers", "tiled_mlp", "fp8", "packing",
-                                          "gradient_checkpointing") if k in s},
+                                          "gradient_checkpointing", "activation_offloading",
+                                          "sequence_parallel_size", "rope_scaling") if k in s},
         "command": shlex.join(cmd),
     }
 
@@ -286,14 +287,14 @@ def fmt(v, spec):
 def write_table(rows: list[dict], path: Path, header: str) -> None:
     lines = [header, "", f"{MFU_FORMULA}.", "",
              "| run | GPUs | ZeRO | batch/GPU | seq | step (s) | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem (GiB) "
-             "| loss | vs best baseline | scaling vs 1 GPU | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| host peak RSS (GiB) | loss | vs best baseline | scaling vs 1 GPU | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['num_gpus']} | {r['zero_stage']} | {r['batch_size']} | {r['seq_len']} "
             f"| {fmt(r['step_time_s'], '.3f')} | {fmt(r['tokens_per_second_per_gpu'], ',.0f')} "
             f"| {fmt(r['tflops_per_gpu'], '.0f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
-            f"| {fmt(r['peak_memory_gib'], '.1f')} | {fmt(r['loss'], '.3f')} "
+            f"| {fmt(r['peak_memory_gib'], '.1f')} | {fmt(r.get('host_peak_rss_gib'), '.1f')} | {fmt(r['loss'], '.3f')} "
             f"| {fmt(r['speedup_vs_baseline'], '.2f')}{'x' if r['speedup_vs_baseline'] else ''} "
             f"| {fmt(r['scaling_vs_1gpu'] and 100 * r['scaling_vs_1gpu'], '.1f')}{'%' if r['scaling_vs_1gpu'] else ''} "
             f"| {r['status']} |")

@@ -190,3 +190,30 @@ def test_sequence_parallel_on_two_gpus_matches_one(tmp_path):
         records[sp] = [(r["loss"], r["grad_norm"]) for _, r in sorted(logged(only_run_dir(out)).items())]
     for (loss1, norm1), (loss2, norm2) in zip(records[1], records[2]):
         assert loss2 == pytest.approx(loss1, rel=2e-2) and norm2 == pytest.approx(norm1, rel=5e-2), records
+
+
+def test_long_context_levers_keep_the_loss(tmp_path):
+    """At 8K tokens on the Llama-3.2-1B shape cut to 2 layers (random weights, markov tokens, bf16, gradient
+    checkpointing, layers not compiled so that only the lever differs): --tiled_mlp and --activation_offloading give
+    the losses of the run without them, and --sequence_parallel_size 1 on one GPU is a no-op (the same losses, no
+    parallelism config)."""
+    config = json.loads((ROOT / "configs/models/llama-3.2-1b/config.json").read_text())
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    benchmark = load_script(ROOT / "scripts" / "benchmark.py")
+    base = "--gradient_checkpointing true --compile_layers false --activation_offloading false"
+    rows = benchmark.main(["--model", str(tmp_path / "model"), "--stages", "2", "--batch_sizes", "1",
+                           "--seq_len", "8192", "--tokens", "markov", "--max_steps", "10", "--logging_steps", "1",
+                           "--learning_rate", "1e-4", "--loss_reference", "plain", "--loss_warmup", "0",
+                           "--variant", f"plain={base} --tiled_mlp false",
+                           "--variant", f"tiled={base} --tiled_mlp true",
+                           "--variant", f"offload={base} --tiled_mlp false --activation_offloading true",
+                           "--variant", f"sp1={base} --tiled_mlp false --sequence_parallel_size 1",
+                           "--out", str(tmp_path / "out"), "--work_dir", str(tmp_path / "w"), "--timeout", "600"])
+    by = {r["variant"]: r for r in rows}
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+    assert by["tiled"]["options"]["tiled_mlp"] and not by["plain"]["options"]["tiled_mlp"], by
+    assert len(by["plain"]["loss_curve"]) == 10
+    assert by["tiled"]["loss_gap_vs_reference"] < 5e-3, by["tiled"]
+    assert by["offload"]["loss_gap_vs_reference"] < 1e-3, by["offload"]
+    assert by["sp1"]["loss_gap_vs_reference"] < 1e-3, by["sp1"]

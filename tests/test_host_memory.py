@@ -329,13 +329,13 @@ def test_nvme_trains_the_1b_shape(tmp_path):
 
 def test_dry_run_on_a_gpu_names_the_longest_sequence_with_and_without_the_levers(issue_machine, tmp_path):
     """--dry_run on the made-up H200: the longest sequence per config at this run's settings, and again with
-    gradient checkpointing and the tiled MLP (longer), in the text and in memory_estimate.json."""
+    gradient checkpointing, the tiled MLP and activation offloading (longer), in the text and in memory_estimate.json."""
     from recipe.config import parse_args
 
     _, args, model_args = parse_args(["--model_name_or_path", "configs/models/llama-3.2-1b", "--max_length", "2048",
                                       "--per_device_train_batch_size", "1", "--report_to", "none"])
     result = preflight.dry_run(args, model_args, tmp_path, is_main=True)
-    plain, levers = result["longest_sequence"], result["longest_sequence_with_checkpointing_and_tiled_mlp"]
+    plain, levers = result["longest_sequence"], result["longest_sequence_with_long_context_levers"]
     assert plain["stage2"] >= 32768 and levers["stage2"] > plain["stage2"]
     saved = json.loads((tmp_path / "memory_estimate.json").read_text())
-    assert saved["longest_sequence_with_checkpointing_and_tiled_mlp"] == levers
+    assert saved["longest_sequence_with_long_context_levers"] == levers

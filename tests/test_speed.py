@@ -461,6 +461,22 @@ def test_activation_offloading_on_cpu_stops_before_any_weights_load():
     assert "--activation_offloading" in str(err.value) and "CUDA GPU" in str(err.value)
 
 
+def test_activation_offloading_is_on_by_length_with_cuda_and_a_bool_after_parsing():
+    """auto: on with CUDA from 128K tokens of --max_length; an explicit true/false (or a YAML bool) wins; the parsed
+    config holds a bool, which TRL's trainer reads."""
+    from recipe.config import parse_args
+    from recipe.long_context import ACTIVATION_OFFLOAD_AUTO_LENGTH, activation_offload_wanted
+
+    assert ACTIVATION_OFFLOAD_AUTO_LENGTH == 131072
+    assert activation_offload_wanted("auto", 131072, cuda=True)
+    assert not activation_offload_wanted("auto", 131071, cuda=True)
+    assert not activation_offload_wanted("auto", 524288, cuda=False)
+    assert not activation_offload_wanted("false", 524288, cuda=True)
+    assert activation_offload_wanted(True, 2048, cuda=True) and not activation_offload_wanted(False, 10**6, cuda=True)
+    training_args = parse_args(["--report_to", "none"])[1]
+    assert training_args.activation_offloading is False  # auto, on CPU
+
+
 @pytest.mark.slow
 def test_sequence_parallel_run_resumes_where_it_stopped(tmp_path):
     """Ulysses (sp=2, 2 CPU processes) saved at step 2 of 4 and rerun from there: the resumed steps log the losses
