@@ -331,10 +331,11 @@ def test_activation_offloading_moves_the_saved_activations_to_the_host():
     hw = E.Hardware(1, 139.8, 1, 125, gpu_name="NVIDIA H200")
     work = E.Workload(seq_len=65536, micro_batch=1, gradient_checkpointing=True)
     moved = replace(work, activation_offload=True)
-    saved = 65536 * shape.n_layers * 2 * shape.hidden
-    assert E.offloaded_activation_bytes(shape, moved) == saved and E.offloaded_activation_bytes(shape, work) == 0
-    assert E.activation_bytes(shape, work) - E.activation_bytes(shape, moved) == pytest.approx(saved)
+    inputs = 65536 * shape.n_layers * 2 * shape.hidden  # what leaves the GPU: each layer's checkpointed input
+    saved = E.offloaded_activation_bytes(shape, moved)  # and, on the host, RoPE tables, the loss's tensors, head grad
+    assert inputs < saved < 1.5 * inputs and E.offloaded_activation_bytes(shape, work) == 0
+    assert E.activation_bytes(shape, work) - E.activation_bytes(shape, moved) == pytest.approx(inputs)
     config = E.shipped_configs()["stage2"]
     before, after = E.estimate(shape, config, hw, work, "stage2"), E.estimate(shape, config, hw, moved, "stage2")
     assert after["cpu_per_node"] - before["cpu_per_node"] == pytest.approx(saved)
-    assert before["activations"] - after["activations"] == pytest.approx(saved)  # the peak may be the step
+    assert before["activations"] - after["activations"] == pytest.approx(inputs)  # the peak may be the step
