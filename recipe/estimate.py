@@ -357,12 +357,11 @@ def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:
         return 0.0
     tokens = rank_tokens(work)
     if work.gradient_checkpointing:
-        # TRL offloads every saved tensor: each checkpointed layer's input and its RoPE cos/sin (bf16, head_dim
-        # each), the final norm's input and the fused loss's input gradient, and the head's fp32 weight gradient
-        # when trained (1B at 512K on an H200: 44.3 GiB estimated with the process, 45.1 GiB peak RSS measured)
-        head_dim = shape.q_dim // shape.n_heads
+        # TRL offloads every saved tensor once (shared storage, such as the RoPE tables, stays): each checkpointed
+        # layer's input, the final norm's input and the fused loss's input gradient, and the head's fp32 weight
+        # gradient when trained (1B at 512K on an H200: 42.3 GiB estimated with the process, 45.1 GiB peak RSS)
         head = 4 * shape.vocab * shape.hidden if work.method == "full" else 0
-        return tokens * (shape.n_layers * (2 * shape.hidden + 4 * head_dim) + 4 * shape.hidden) + head
+        return tokens * (shape.n_layers * 2 * shape.hidden + 4 * shape.hidden) + head
     layer_only = replace(work, activation_offload=False, gradient_checkpointing=False)
     return activation_bytes(shape, layer_only) - tokens * 6 * shape.hidden
 

@@ -332,7 +332,7 @@ def test_activation_offloading_moves_the_saved_activations_to_the_host():
     work = E.Workload(seq_len=65536, micro_batch=1, gradient_checkpointing=True)
     moved = replace(work, activation_offload=True)
     inputs = 65536 * shape.n_layers * 2 * shape.hidden  # what leaves the GPU: each layer's checkpointed input
-    saved = E.offloaded_activation_bytes(shape, moved)  # and, on the host, RoPE tables, the loss's tensors, head grad
+    saved = E.offloaded_activation_bytes(shape, moved)  # and, on the host, the loss's tensors and head gradient
     assert inputs < saved < 1.5 * inputs and E.offloaded_activation_bytes(shape, work) == 0
     assert E.activation_bytes(shape, work) - E.activation_bytes(shape, moved) == pytest.approx(inputs)
     config = E.shipped_configs()["stage2"]
