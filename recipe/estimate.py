@@ -344,10 +344,15 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
         shard = min(tokens, h * work.micro_batch) * 6 * i * 2  # one shard's intermediates, and their gradients
     outside = 6 * h  # embedding output, final norm input and output
     if work.activation_offload:  # what is saved goes to the host (offloaded_activation_bytes); one layer's works here
-        return tokens * (per_layer + outside) + shard
+        # TRL keeps its last OFFLOAD_GPU_STASH offloaded tensors on the GPU until their copies are done (forward) and
+        # brings the next layer's input back ahead (backward): up to 6 layer inputs on the GPU at once
+        return tokens * (per_layer + outside + (OFFLOAD_GPU_STASH + 1) * 2 * h) + shard
     if work.gradient_checkpointing:
         return tokens * (shape.n_layers * 2 * h + per_layer + outside) + shard
     return tokens * (shape.n_layers * per_layer + outside) + shard
+
+
+OFFLOAD_GPU_STASH = 5  # trl.models.activation_offloading's max_fwd_stash_size (get_act_offloading_ctx_manager's default)
 
 
 def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:

@@ -334,8 +334,9 @@ def test_activation_offloading_moves_the_saved_activations_to_the_host():
     inputs = 65536 * shape.n_layers * 2 * shape.hidden  # what leaves the GPU: each layer's checkpointed input
     saved = E.offloaded_activation_bytes(shape, moved)  # and, on the host, the loss's tensors and head gradient
     assert inputs < saved < 1.5 * inputs and E.offloaded_activation_bytes(shape, work) == 0
-    assert E.activation_bytes(shape, work) - E.activation_bytes(shape, moved) == pytest.approx(inputs)
+    stash = 65536 * (E.OFFLOAD_GPU_STASH + 1) * 2 * shape.hidden  # TRL's in-flight copies stay on the GPU
+    assert E.activation_bytes(shape, work) - E.activation_bytes(shape, moved) == pytest.approx(inputs - stash)
     config = E.shipped_configs()["stage2"]
     before, after = E.estimate(shape, config, hw, work, "stage2"), E.estimate(shape, config, hw, moved, "stage2")
     assert after["cpu_per_node"] - before["cpu_per_node"] == pytest.approx(saved)
-    assert before["activations"] - after["activations"] == pytest.approx(inputs)  # the peak may be the step
+    assert before["activations"] - after["activations"] == pytest.approx(inputs - stash)  # the peak may be the step
