@@ -316,9 +316,9 @@ class TrainConfig(SFTConfig):
 
             problems += fp8_problems(self.fp8_recipe, cuda=cuda, bf16=self.bf16, fp16=self.fp16,
                                      capability=torch.cuda.get_device_capability() if cuda else None)
-        offload_asked = self.activation_offloading in (True, "true", "True")
+        # a bool from here on (TRL reads it); without CUDA only an explicit true resolves to on
         self.activation_offloading = activation_offload_wanted(self.activation_offloading, self.max_length, cuda)
-        if offload_asked and not cuda:
+        if self.activation_offloading and not cuda:
             problems.append("--activation_offloading moves saved activations to pinned host memory over CUDA streams: "
                             "it needs a CUDA GPU; drop it on CPU.")
         problems += loss_option_problems(self)

@@ -317,6 +317,9 @@ def rank_tokens(work: Workload) -> float:
     return work.seq_len * work.micro_batch / max(1, work.sequence_parallel)
 
 
+OFFLOAD_GPU_STASH = 5  # trl.models.activation_offloading's max_fwd_stash_size (get_act_offloading_ctx_manager's default)
+
+
 def activation_bytes(shape: ModelShape, work: Workload) -> float:
     """Saved activations of one micro-batch, bf16.
 
@@ -350,9 +353,6 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
     if work.gradient_checkpointing:
         return tokens * (shape.n_layers * 2 * h + per_layer + outside) + shard
     return tokens * (shape.n_layers * per_layer + outside) + shard
-
-
-OFFLOAD_GPU_STASH = 5  # trl.models.activation_offloading's max_fwd_stash_size (get_act_offloading_ctx_manager's default)
 
 
 def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:
