@@ -288,6 +288,7 @@ def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer,
         "peak_memory_gib": None,
         **trainer.meter.averages(),
         "cpu_peak_rss_gib": report.peak_rss_gib(),  # this process (rank 0); offload keeps optimizer states here
+        "optimizer_state_dtypes": report.optimizer_state_dtypes(trainer),
         **(heldout.scores if heldout is not None else {}),
     }
     if run.is_main:

@@ -164,7 +164,8 @@ class TrainConfig(SFTConfig):
     )
     tiled_mlp: str = auto_flag("Run each MLP in sequence shards without keeping their activations (DeepSpeed's "
                                "TiledMLP, recomputed in backward): long sequences in less memory. auto: on from 32768 "
-                               "tokens of --max_length.")
+                               "tokens of --max_length where the run does not fit the GPU without it (by the memory "
+                               "estimate; untiled, the layers compile, which is faster).")
     activation_offloading: str = auto_flag("Move saved activations (with gradient checkpointing: each layer's input) "
                                            "to pinned host memory in forward and back for backward (TRL's "
                                            "offloading, CUDA only). auto: on with CUDA from 131072 tokens of "
@@ -304,12 +305,8 @@ class TrainConfig(SFTConfig):
             elif isinstance(asked, int) and asked % sp:
                 problems.append(f"--pad_to_multiple_of {self.pad_to_multiple_of} with --sequence_parallel_size {sp}: "
                                 f"each batch's length must split over {sp} ranks; use a multiple of {sp}.")
-        self.speed, speed_problems = resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
-                                                   self.ds.stage if self.ds else None, cuda,
-                                                   varlen_attention=self.varlen_attention, padding_free=padding_free,
-                                                   tiled_mlp=tiled_mlp_wanted(self.tiled_mlp, self.max_length),
-                                                   fp8=bool(self.fp8),
-                                                   param_offload=bool(self.ds and self.ds.offload_param))
+        self._padding_free = padding_free
+        self.speed, speed_problems = self.speed_choices(tiled_mlp_wanted(self.tiled_mlp, self.max_length))
         problems += speed_problems
         if self.fp8:
             from recipe.fp8 import fp8_problems
@@ -329,6 +326,16 @@ class TrainConfig(SFTConfig):
             # guide uses, so hand it over under the new one (transformers mirrors it back)
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         super().__post_init__()
+
+    def speed_choices(self, tiled_mlp: bool) -> tuple[dict, list[str]]:
+        """recipe.speed's choices for these flags on this hardware, with the tiled MLP on or off (preflight settles
+        `--tiled_mlp auto` against the memory estimate once the model's shape is known)."""
+        import torch
+
+        return resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
+                             self.ds.stage if self.ds else None, torch.cuda.is_available(),
+                             varlen_attention=self.varlen_attention, padding_free=self._padding_free,
+                             tiled_mlp=tiled_mlp, fp8=bool(self.fp8), param_offload=bool(self.ds and self.ds.offload_param))
 
 
 # ---------------------------------------------------------------- explicit DeepSpeed JSON values

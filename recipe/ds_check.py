@@ -124,9 +124,16 @@ def check_ds_config(config: dict, name: str = "ds_config", training: dict | None
     errors = unknown_key_problems(config, name) + auto_problems(config, name)
     errors += value_problems(config, name, training)
     errors += zero_problems(config, name)
+    errors += low_precision_state_problems(config, name, training)
     errors += optimizer_problems(config, name, training, cpu_adam)
     errors += batch_problems(config, name, training.get("world_size"))
     warnings = deprecated_key_warnings(config, name) + training_warnings(config, name, training)
+    if DsConfig(config).bf16_master_weights:
+        warnings.append(msg(name, "bf16.bf16_master_weights_and_grads", "bf16 master weights round every update to "
+                            "the weight's bf16 step, and smaller updates are lost: on one H200 (Llama-3.2-1B shape cut "
+                            "to 4 layers, lr 1e-5, 100 steps) the loss fell 0.01 against 0.27 with fp32 states, for "
+                            "36% less host memory and a 1.33x faster CPU step", "use it only where fp32 states do not "
+                            "fit the host, with a learning rate the bf16 weights can resolve, and watch the loss"))
     return errors, warnings
 
 
@@ -472,6 +479,34 @@ def zero_problems(config: dict, name: str) -> list[str]:
     if _enabled(config, "bf16") and _enabled(config, "fp16"):
         problems.append(msg(name, "bf16.enabled", "true together with fp16.enabled: DeepSpeed allows one",
                             'set one of them to false, or both to "auto" (HF fills them from --bf16/--fp16)'))
+    return problems
+
+
+def low_precision_state_problems(config: dict, name: str, training: dict) -> list[str]:
+    """bf16.bf16_master_weights_and_grads / bf16_optimizer_states as DeepSpeed 0.19.8 accepts them (runtime/config.py,
+    base_optimizer._configure_master_weights): ZeRO 1-3, the states only with the master weights, the master weights
+    without bf16 states only under CPU optimizer offload; and a bf16 run, whose weights they copy."""
+    ds = DsConfig(config)
+    master, states = ds.bf16_master_weights, ds.bf16_optimizer_states
+    if not (master or states):
+        return []
+    problems = []
+    key = "bf16.bf16_master_weights_and_grads" if master else "bf16.bf16_optimizer_states"
+    if states and not master:
+        problems.append(msg(name, "bf16.bf16_optimizer_states", "true without bf16_master_weights_and_grads: "
+                            "DeepSpeed keeps bf16 moments only beside bf16 master weights",
+                            'add "bf16_master_weights_and_grads": true to the bf16 section, or remove it'))
+    if ds.stage == 0:
+        problems.append(msg(name, key, "at stage 0: only ZeRO's optimizers (stages 1-3) keep master weights",
+                            "set stage 1-3 (ds_configs/stage2_offload_bf16.json), or remove it"))
+    if master and not states and ds.offload_optimizer != "cpu":
+        problems.append(msg(name, key, "without bf16_optimizer_states and without CPU optimizer offload: "
+                            "DeepSpeed asks for DeepSpeedCPUAdam for fp32 moments beside bf16 master weights",
+                            'add "bf16_optimizer_states": true, or offload_optimizer {"device": "cpu"}'))
+    if training.get("bf16") is False:
+        problems.append(msg(name, key, f"with a {'fp16' if training.get('fp16') else 'fp32'} run: the master "
+                            "weights and moments are bf16 copies of bf16 weights", "train in bf16 (--bf16 true, "
+                            "on CPU too), or use the file without the bf16 states (ds_configs/stage2_offload.json)"))
     return problems
 
 

@@ -116,6 +116,23 @@ class DsConfig:
         return self.stage == 3 and (ratio == "auto" or (isinstance(ratio, int | float) and ratio < 1))
 
     @property
+    def bf16_master_weights(self) -> bool:
+        """bf16.bf16_master_weights_and_grads: ZeRO keeps its master weights and gradients in bf16, not fp32."""
+        return self.value("bf16.bf16_master_weights_and_grads") is True
+
+    @property
+    def bf16_optimizer_states(self) -> bool:
+        """bf16.bf16_optimizer_states: Adam's moments in bf16 too (DeepSpeed asks for bf16 master weights with it)."""
+        return self.value("bf16.bf16_optimizer_states") is True
+
+    @property
+    def optimizer_state_bytes(self) -> int:
+        """Bytes per trained parameter of ZeRO's optimizer-side state: master weights + their gradients + Adam's two
+        moments; 4 + 4 + 8 = 16 in fp32, 2 + 2 + 8 with bf16 master weights, 2 + 2 + 4 with bf16 states too."""
+        master = 2 if self.bf16_master_weights else 4
+        return 2 * master + (4 if self.bf16_optimizer_states else 8)
+
+    @property
     def param_buffer_size(self):
         """offload_param.buffer_size under NVMe parameter offload (elements per swap buffer): as written, "auto"
         (filled from the model), DeepSpeed's default 1e8 when absent, None without NVMe parameter offload."""

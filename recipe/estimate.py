@@ -18,6 +18,7 @@ limit, never MemTotal.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -44,6 +45,12 @@ RATIO_STEP = 0.05
 # stage3_offload and stage2_offload until measured beside them at equal accumulation.
 SPEED = {"stage2": 1.0, "stage1": 0.999, "stage0": 0.998, "stage3": 0.94, "stage2_offload": 0.39,
          "stage3_partial_offload": 0.30, "stage3_offload": 0.26, "stage3_nvme": 0.10}
+# Shipped configs never recommended (--zero_stage auto, --dry_run, the host-memory stop's alternatives, the tables):
+# they fit where others do not but train worse; a user picks one knowing that.
+NOT_RECOMMENDED = {
+    "stage2_offload_bf16": "bf16 master weights lose the updates below a weight's bf16 step (ds_check warns with the "
+                           "measurement)",
+}
 GC_SPEED = 0.82
 # Throughput grows with tokens per micro-batch as T / (T + T0): batch 8 -> 16 at seq 2048 gave 1.13x (H100).
 T0_TOKENS = 5000
@@ -281,6 +288,7 @@ class DsFeatures:
     param_buffers: int = 5  # offload_param.buffer_count
     optimizer_buffers: int = 4  # offload_optimizer.buffer_count
     max_in_cpu: float = 1e9  # offload_param.max_in_cpu: 16-bit parameter elements kept in CPU memory under NVMe
+    state_bytes: int = 16  # master weights + their gradients + Adam moments per trained parameter (bf16 ones: 8)
 
 
 def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
@@ -309,7 +317,8 @@ def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
                       param_buffer=ds.param_buffer_size,
                       param_buffers=int(offload("offload_param", "buffer_count", 5)),
                       optimizer_buffers=int(offload("offload_optimizer", "buffer_count", 4)),
-                      max_in_cpu=float(offload("offload_param", "max_in_cpu", 1e9)))
+                      max_in_cpu=float(offload("offload_param", "max_in_cpu", 1e9)),
+                      state_bytes=ds.optimizer_state_bytes)
 
 
 def rank_tokens(work: Workload) -> float:
@@ -355,6 +364,11 @@ def activation_bytes(shape: ModelShape, work: Workload) -> float:
     return tokens * (shape.n_layers * per_layer + outside) + shard
 
 
+def pinned_block(nbytes: float) -> int:
+    """The bytes torch's pinned host allocator reserves for a request: the next power of two."""
+    return 1 << max(0, math.ceil(nbytes) - 1).bit_length()
+
+
 def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:
     """Host bytes per process of --activation_offloading: each layer's saved tensors (with checkpointing, its input;
     without, all of activation_bytes' per-layer terms), in pinned memory."""
@@ -364,9 +378,12 @@ def offloaded_activation_bytes(shape: ModelShape, work: Workload) -> float:
     if work.gradient_checkpointing:
         # TRL offloads every saved tensor once (shared storage, such as the RoPE tables, stays): each checkpointed
         # layer's input, the final norm's input and the fused loss's input gradient, and the head's fp32 weight
-        # gradient when trained (1B at 512K on an H200: 42.3 GiB estimated with the process, 45.1 GiB peak RSS)
-        head = 4 * shape.vocab * shape.hidden if work.method == "full" else 0
-        return tokens * (shape.n_layers * 2 * shape.hidden + 4 * shape.hidden) + head
+        # gradient when trained, each in a block of torch's pinned-memory allocator, which rounds every request up
+        # to a power of two (CachingHostAllocator). On an H200: 1B at 512K (2 GiB tensors, no rounding) 42.3 GiB
+        # estimated with the process, 45.1 GiB peak RSS; 3B at 256K (1.5 GiB tensors in 2 GiB blocks) 71.0 / 74.1
+        layer_input = pinned_block(tokens * 2 * shape.hidden)
+        head = pinned_block(4 * shape.vocab * shape.hidden) if work.method == "full" else 0
+        return (shape.n_layers + 2) * layer_input + head
     layer_only = replace(work, activation_offload=False, gradient_checkpointing=False)
     return activation_bytes(shape, layer_only) - tokens * 6 * shape.hidden
 
@@ -395,19 +412,31 @@ def ds_model_states(shape: ModelShape, f: DsFeatures, hw: Hardware, trained: int
     estimate_zero2_model_states_mem_needs = ds_attr("deepspeed.runtime.zero.stage_1_and_2",
                                                     "estimate_zero2_model_states_mem_needs")
 
+    low = (16 - f.state_bytes) * trained  # bf16 master weights / moments: fewer bytes than DeepSpeed's fp32 count
     if f.stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
             trained, shape.largest_layer_params, hw.gpus_per_node, hw.nodes,
             cpu_offload=f.offload_optimizer is not None, cpu_offload_params=f.offload_param is not None,
             zero_init=True)
         if ratio < 1:
-            gpu, cpu = gpu + (1 - ratio) * 16 * trained / hw.gpus, ratio * cpu
-        return gpu, cpu
+            gpu, cpu = gpu + (1 - ratio) * f.state_bytes * trained / hw.gpus, ratio * cpu
+        return low_precision_states(gpu, cpu, f, low, hw.gpus)
     # stage 0 replicates everything: the stage-2 estimate with one GPU
     gpus, nodes = (hw.gpus_per_node, hw.nodes) if f.stage else (1, 1)
     cpu, gpu = estimate_zero2_model_states_mem_needs(trained, gpus, nodes,
                                                      cpu_offload=f.offload_optimizer is not None)
-    return gpu, cpu
+    return low_precision_states(gpu, cpu, f, low, gpus * nodes)
+
+
+def low_precision_states(gpu: float, cpu: float, f: DsFeatures, low: float, gpus: int) -> tuple[float, float]:
+    """DeepSpeed's estimators count fp32 master weights, gradients and moments (16 bytes per trained parameter);
+    with bf16 ones (f.state_bytes < 16) the host holds that much less under optimizer offload (its estimate is 1.5x
+    the states per node), the GPUs that much less per shard without it."""
+    if not low:
+        return gpu, cpu
+    if f.offload_optimizer == "cpu":
+        return gpu, cpu * f.state_bytes / 16
+    return gpu - low / gpus, cpu
 
 
 def partial(f: DsFeatures) -> bool:
@@ -460,7 +489,7 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     # the part of the states that lives only during the optimizer step (sharded): fp32 gradients, 4 bytes/param
     # for stages 1-2; stage 3 reduces straight into its fp32 partition, leaving 2 bytes/param of the 18 to the step
     # (under partial offload, for the GPU's share of the optimizer states)
-    step_only = 0 if offloaded else (2 if f.stage == 3 else 4) * trained / n
+    step_only = 0 if offloaded else (2 if f.stage == 3 else 4 if f.state_bytes == 16 else 2) * trained / n
     if share is not None:
         step_only = (1 - share) * 2 * trained / n
     # frozen base weights (LoRA: bf16; QLoRA: 4-bit linears + quantisation constants, bf16 embeddings)
@@ -601,13 +630,16 @@ class Recommendation:
 
 def recommend(shape: ModelShape, configs: dict[str, dict], hw: Hardware, work: Workload,
               max_batch: int = 16, allow_gc: bool = True) -> Recommendation:
-    """The fastest config (by SPEED x checkpointing x batch efficiency) that fits at micro-batch >= 1.
+    """The fastest config (by SPEED x checkpointing x batch efficiency) that fits at micro-batch >= 1, of those not
+    in NOT_RECOMMENDED.
 
     Micro-batches are searched up to max_batch (the user's, when set); checkpointing is considered
     only when allowed and only for configs that do not fit without it at that batch.
     """
     candidates = []
     for name, config in configs.items():
+        if name in NOT_RECOMMENDED:
+            continue
         for gc in ([False, True] if allow_gc else [work.gradient_checkpointing]):
             trial = Workload(**{**asdict(work), "gradient_checkpointing": gc})
             b = max_micro_batch(shape, config, hw, trial, cap=max_batch)

@@ -7,8 +7,11 @@ gradients, at the cost of one more MLP forward. It tells ZeRO-2/3 to hold a weig
 (param.ds_grad_is_ready), and the shard count is agreed across ranks (the largest any rank needs), so ZeRO-3 gathers
 the same weights as often on every rank. Shards: ceil(tokens / hidden_size), as ALST does.
 
---tiled_mlp auto turns it on from TILED_MLP_AUTO_LENGTH tokens of max_length; the compiled layers do not trace it
-(its backward runs autograd itself), so auto leaves the layers uncompiled where it is on.
+--tiled_mlp auto turns it on from TILED_MLP_AUTO_LENGTH tokens of max_length unless the run fits the GPU without
+it by the memory estimate (recipe.preflight.settle_tiled_mlp, once the model's shape is known); the compiled layers
+do not trace it (its backward runs autograd itself), so auto leaves the layers uncompiled where it is on. Measured on
+one H200, 1B shape, batch 1: untiled and compiled 30.7k / 20.2k tokens/s at 32K / 64K (57 / 96 GiB), tiled 27.5k /
+19.0k (32 / 46 GiB).
 """
 
 from __future__ import annotations

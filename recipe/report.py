@@ -135,3 +135,18 @@ def peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def optimizer_state_dtypes(trainer) -> dict | None:
+    """The dtypes ZeRO's optimizer really keeps, read from the engine after training (not from the config): its
+    master weights (fp32 unless bf16_master_weights_and_grads) and Adam's first moment (fp32 unless
+    bf16_optimizer_states). None without a ZeRO optimizer."""
+    zero = getattr(getattr(trainer, "deepspeed", None), "optimizer", None)
+    master = getattr(zero, "master_weights_and_grads_dtype", None)
+    if master is None:
+        return None
+    inner = getattr(zero, "optimizer", None)
+    moments = next((state["exp_avg"].dtype for state in getattr(inner, "state", {}).values()
+                    if isinstance(state, dict) and "exp_avg" in state), None)
+    return {"master_weights": str(master).removeprefix("torch."),
+            "adam_moments": str(moments).removeprefix("torch.") if moments is not None else None}

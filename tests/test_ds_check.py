@@ -54,7 +54,14 @@ def shipped() -> list:
 @pytest.mark.parametrize("path", shipped())
 def test_shipped_config_has_no_errors_or_warnings(path):
     config = json.loads(path.read_text())
-    assert check_ds_config(config, path.name, RECIPE_TRAINING, cpu_adam=lambda: True) == ([], [])
+    bf16_states = "bf16_master_weights_and_grads" in config.get("bf16", {})  # asks for a bf16 run (its own case)
+    training = {**RECIPE_TRAINING, "bf16": True} if bf16_states else RECIPE_TRAINING
+    errors, warnings = check_ds_config(config, path.name, training, cpu_adam=lambda: True)
+    assert errors == []
+    if bf16_states:  # the one warning: what bf16 master weights cost, measured
+        assert len(warnings) == 1 and "smaller updates are lost" in warnings[0] and "0.27" in warnings[0]
+    else:
+        assert warnings == []
 
 
 def test_every_key_of_every_shipped_config_is_known():
@@ -111,6 +118,16 @@ CASES = [
      ["zero_optimization.reduce_bucket_size:", "'big' is invalid", "valid integer", "default: 500,000,000"]),
     ("value negative", "stage3_offload.json", {"zero_optimization.offload_param.buffer_count": -1}, {}, True, "error",
      ["zero_optimization.offload_param.buffer_count:", "greater than or equal to 0", "default: 5"]),
+    ("bf16 states without bf16 master weights", "stage2_offload_bf16.json",
+     {"bf16.bf16_master_weights_and_grads": False}, {}, True, "error",
+     ["bf16.bf16_optimizer_states:", "without bf16_master_weights_and_grads", "add \"bf16_master_weights_and_grads\""]),
+    ("bf16 master weights alone on the GPU", "stage2.json", {"bf16.bf16_master_weights_and_grads": True}, {}, True,
+     "error", ["bf16.bf16_master_weights_and_grads:", "without CPU optimizer offload", "bf16_optimizer_states"]),
+    ("bf16 states at stage 0", "stage0.json", {"bf16.bf16_master_weights_and_grads": True,
+                                              "bf16.bf16_optimizer_states": True}, {}, True, "error",
+     ["bf16.bf16_master_weights_and_grads:", "at stage 0", "stage 1-3"]),
+    ("bf16 states in an fp32 run", "stage2_offload_bf16.json", {}, {"bf16": False}, True, "error",
+     ["bf16.bf16_master_weights_and_grads:", "fp32 run", "--bf16 true", "stage2_offload.json"]),
     ("model-level value check", "stage2_offload.json", {"zero_optimization.offload_optimizer.ratio": 0.5}, {}, True,
      "error", ["zero_optimization:", "Partial offloading only supported for ZeRO Stage 3"]),
     ("fp16 value", "stage2.json", {"fp16.loss_scale": -1}, {}, True, "error",

@@ -102,6 +102,19 @@ def test_zero3_offload_on_two_processes_through_torchrun(tmp_path):
 def test_zero2_offload_on_one_process(tmp_path):
     proc = launch([*FAST, "--zero_stage", "2_offload", "--seed", "0"], tmp_path)
     check_trained(proc, tmp_path, "2_offload", 1)
+    assert read_summary(tmp_path)["optimizer_state_dtypes"] == {"master_weights": "float32", "adam_moments": "float32"}
+
+
+@pytest.mark.xdist_group("offload")
+def test_zero2_offload_with_bf16_states_keeps_them_in_bf16(tmp_path):
+    """stage2_offload_bf16.json: DeepSpeedCPUAdam keeps bf16 master weights and bf16 moments (half the host memory
+    of fp32 ones), as read back from the engine, not the config; it asks for a bf16 run (on CPU too)."""
+    proc = launch([*FAST, "--zero_stage", "2_offload_bf16", "--bf16", "true", "--seed", "0"], tmp_path)
+    check_ok(proc)
+    summary = read_summary(tmp_path)
+    assert summary["precision"] == "bf16" and summary["global_step"] == 4 and math.isfinite(summary["train_loss"])
+    assert summary["optimizer_state_dtypes"] == {"master_weights": "bfloat16", "adam_moments": "bfloat16"}
+    assert summary["ds_config"] == "ds_configs/stage2_offload_bf16.json"
 
 
 @pytest.mark.xdist_group("learn")
