@@ -289,6 +289,8 @@ def finish(script_args, training_args, model_args, run: Run, trainer, tokenizer,
         **trainer.meter.averages(),
         "cpu_peak_rss_gib": report.peak_rss_gib(),  # this process (rank 0); offload keeps optimizer states here
         "optimizer_state_dtypes": report.optimizer_state_dtypes(trainer),
+        "disk_written_gib": report.disk_written_gib(),  # this process (rank 0); NVMe offload swaps through it
+        "zenflow": report.zenflow_updates(trainer),
         **(heldout.scores if heldout is not None else {}),
     }
     if run.is_main:

@@ -125,6 +125,7 @@ def check_ds_config(config: dict, name: str = "ds_config", training: dict | None
     errors += value_problems(config, name, training)
     errors += zero_problems(config, name)
     errors += low_precision_state_problems(config, name, training)
+    errors += zenflow_problems(config, name, training)
     errors += optimizer_problems(config, name, training, cpu_adam)
     errors += batch_problems(config, name, training.get("world_size"))
     warnings = deprecated_key_warnings(config, name) + training_warnings(config, name, training)
@@ -507,6 +508,29 @@ def low_precision_state_problems(config: dict, name: str, training: dict) -> lis
         problems.append(msg(name, key, f"with a {'fp16' if training.get('fp16') else 'fp32'} run: the master "
                             "weights and moments are bf16 copies of bf16 weights", "train in bf16 (--bf16 true, "
                             "on CPU too), or use the file without the bf16 states (ds_configs/stage2_offload.json)"))
+    return problems
+
+
+def zenflow_problems(config: dict, name: str, training: dict) -> list[str]:
+    """ZenFlow (zero_optimization.zenflow) in DeepSpeed 0.19.8 extends ZeRO-Offload (stages 1-2 here: engine.py builds
+    ZenFlowZeroOptimizer for them) and owns the accumulation: its update_interval is the engine's accumulation count
+    (zenflow/engine.configure_zenflow), and it needs engine.step() after every backward, which recipe.trainer
+    arranges. The Trainer's own accumulation on top would step the whole model at the Trainer's boundaries."""
+    ds = DsConfig(config)
+    if ds.zenflow is None:
+        return []
+    problems = []
+    if ds.stage not in (1, 2) or ds.offload_optimizer != "cpu":
+        problems.append(msg(name, "zero_optimization.zenflow", f"with stage {ds.stage} and offload_optimizer "
+                            f"{ds.offload_optimizer or 'none'}: ZenFlow extends ZeRO-Offload at stages 1-2",
+                            'use stage 2 with offload_optimizer {"device": "cpu"} (ds_configs/stage2_offload_zenflow.json), '
+                            "or remove zenflow"))
+    steps = training.get("gradient_accumulation_steps")
+    if isinstance(steps, int) and steps > 1:
+        problems.append(msg(name, "zero_optimization.zenflow.update_interval", f"with --gradient_accumulation_steps "
+                            f"{steps}: ZenFlow accumulates itself (update_interval steps between full updates)",
+                            "pass --gradient_accumulation_steps 1 and set update_interval to the accumulation you "
+                            "want"))
     return problems
 
 

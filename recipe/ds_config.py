@@ -116,6 +116,13 @@ class DsConfig:
         return self.stage == 3 and (ratio == "auto" or (isinstance(ratio, int | float) and ratio < 1))
 
     @property
+    def zenflow(self) -> dict | None:
+        """zero_optimization.zenflow (DeepSpeed's ZenFlow: the top-k gradient columns stepped on the GPU every step,
+        the rest on the CPU every update_interval steps, overlapped), or None."""
+        section = self.zero.get("zenflow")
+        return section if isinstance(section, dict) else None
+
+    @property
     def bf16_master_weights(self) -> bool:
         """bf16.bf16_master_weights_and_grads: ZeRO keeps its master weights and gradients in bf16, not fp32."""
         return self.value("bf16.bf16_master_weights_and_grads") is True

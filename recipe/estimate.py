@@ -50,6 +50,7 @@ SPEED = {"stage2": 1.0, "stage1": 0.999, "stage0": 0.998, "stage3": 0.94, "stage
 NOT_RECOMMENDED = {
     "stage2_offload_bf16": "bf16 master weights lose the updates below a weight's bf16 step (ds_check warns with the "
                            "measurement)",
+    "stage2_offload_zenflow": "ZenFlow steps most parameters every update_interval steps only; not measured on a GPU yet",
 }
 GC_SPEED = 0.82
 # Throughput grows with tokens per micro-batch as T / (T + T0): batch 8 -> 16 at seq 2048 gave 1.13x (H100).
@@ -289,6 +290,7 @@ class DsFeatures:
     optimizer_buffers: int = 4  # offload_optimizer.buffer_count
     max_in_cpu: float = 1e9  # offload_param.max_in_cpu: 16-bit parameter elements kept in CPU memory under NVMe
     state_bytes: int = 16  # master weights + their gradients + Adam moments per trained parameter (bf16 ones: 8)
+    zenflow_topk: float = 0.0  # ZenFlow's topk_ratio: that share of the columns keeps fp32 states on the GPU
 
 
 def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
@@ -318,7 +320,8 @@ def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
                       param_buffers=int(offload("offload_param", "buffer_count", 5)),
                       optimizer_buffers=int(offload("offload_optimizer", "buffer_count", 4)),
                       max_in_cpu=float(offload("offload_param", "max_in_cpu", 1e9)),
-                      state_bytes=ds.optimizer_state_bytes)
+                      state_bytes=ds.optimizer_state_bytes,
+                      zenflow_topk=float((ds.zenflow or {}).get("topk_ratio", 0.1)) if ds.zenflow is not None else 0.0)
 
 
 def rank_tokens(work: Workload) -> float:
@@ -439,6 +442,12 @@ def low_precision_states(gpu: float, cpu: float, f: DsFeatures, low: float, gpus
     return gpu - low / gpus, cpu
 
 
+def zenflow_gpu_states(f: DsFeatures, trained: int, gpus: int) -> float:
+    """ZenFlow's selective optimizer on the GPU: fp32 weights, gradients and Adam moments of the top-k share of the
+    columns (DeepSpeed's ZenFlowSelectiveAdamW; read in its code, not measured)."""
+    return f.zenflow_topk * 16 * trained / gpus
+
+
 def partial(f: DsFeatures) -> bool:
     """DeepSpeed's partial offload as the estimate models it: stage 3, optimizer states shared between GPU and CPU
     (offload_optimizer.ratio below 1, or "auto"), parameters on the GPU."""
@@ -485,6 +494,7 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
         share = ratio if ratio is not None else (partial_offload_ratio(shape, config, hw, work)
                                                  if f.offload_ratio == "auto" else float(f.offload_ratio))
     states_gpu, states_cpu = ds_model_states(shape, f, hw, trained, 1.0 if share is None else share)
+    states_gpu += zenflow_gpu_states(f, trained, n)
     offloaded = f.offload_optimizer is not None
     # the part of the states that lives only during the optimizer step (sharded): fp32 gradients, 4 bytes/param
     # for stages 1-2; stage 3 reduces straight into its fp32 partition, leaving 2 bytes/param of the 18 to the step

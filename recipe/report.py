@@ -137,6 +137,18 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def disk_written_gib() -> float | None:
+    """Bytes this process has sent to storage so far (/proc/self/io write_bytes: NVMe offload's swaps, checkpoints,
+    logs; DeepSpeed's async-io threads are this process's), None where the kernel does not say."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1]) / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def optimizer_state_dtypes(trainer) -> dict | None:
     """The dtypes ZeRO's optimizer really keeps, read from the engine after training (not from the config): its
     master weights (fp32 unless bf16_master_weights_and_grads) and Adam's first moment (fp32 unless
@@ -150,3 +162,14 @@ def optimizer_state_dtypes(trainer) -> dict | None:
                     if isinstance(state, dict) and "exp_avg" in state), None)
     return {"master_weights": str(master).removeprefix("torch."),
             "adam_moments": str(moments).removeprefix("torch.") if moments is not None else None}
+
+
+def zenflow_updates(trainer) -> dict | None:
+    """Under ZenFlow: the configured interval and how many full (CPU) updates the engine took, against the Trainer's
+    steps; None without ZenFlow."""
+    engine = getattr(trainer, "deepspeed", None)
+    if not getattr(engine, "zenflow", False):
+        return None
+    section = engine.zenflow_config()
+    return {"update_interval": section.update_interval, "topk_ratio": section.topk_ratio,
+            "full_updates": engine.global_steps, "steps": trainer.state.global_step}

@@ -26,7 +26,27 @@ class ThroughputMixin:
     def training_step(self, model, inputs, *args, **kwargs):
         if self.meter is not None:
             self.meter.add_batch(inputs)
+        let_zenflow_own_the_boundary(self.accelerator)
         return super().training_step(model, inputs, *args, **kwargs)
+
+
+def let_zenflow_own_the_boundary(accelerator) -> bool:
+    """Under ZenFlow, DeepSpeed's engine decides which steps update every parameter (zenflow/engine.py
+    is_zenflow_update_boundary: every update_interval) and takes engine.step() after every backward, the top-k
+    columns stepping on the GPU in between. accelerate's DeepSpeedEngineWrapper.backward instead sets the boundary
+    from its own accumulation and steps only there, which makes every step a full CPU update. Its backward is
+    replaced (once) by the engine's own loop. Returns whether ZenFlow is on."""
+    wrapper = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    engine = getattr(wrapper, "engine", None)
+    if not getattr(engine, "zenflow", False):
+        return False
+    if not getattr(wrapper, "zenflow_loop", False):
+        def backward(loss, sync_gradients=True, **kwargs):
+            engine.backward(loss, **kwargs)
+            engine.step()
+
+        wrapper.backward, wrapper.zenflow_loop = backward, True
+    return True
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.meter is not None and "loss" in logs:

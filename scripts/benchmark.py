@@ -220,6 +220,8 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
         except subprocess.TimeoutExpired:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
+            if (run_dir / "summary.json").exists():  # it trained and reported; the limit fell in its shutdown
+                return json.loads((run_dir / "summary.json").read_text()), f"ok (its summary written, then the {timeout}s limit)"
             return None, f"timeout after {timeout}s"
     summary = run_dir / "summary.json"
     if rc == 0 and summary.exists():
@@ -249,6 +251,7 @@ def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, c
         "tokens_per_second_per_gpu": tps, "tflops_per_gpu": s.get("tflops_per_device"), "mfu": s.get("mfu"),
         "mfu_convention": MFU_FORMULA,
         "peak_memory_gib": s.get("peak_memory_gib"), "host_peak_rss_gib": s.get("cpu_peak_rss_gib"),
+        "disk_written_gib": s.get("disk_written_gib"),
         "step_time_s": batch * seq_len / tps if tps and lengths == "fixed" else None,
         "loss": s.get("train_loss"), "status": status,
         "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "varlen_attention",

@@ -121,7 +121,8 @@ def test_unknown_cli_flag_fails():
 
 
 def test_stage_that_does_not_exist():
-    with pytest.raises(ConfigError, match=r"--zero_stage 5.*Choose one of 0, 1, 2, 2_offload, 2_offload_bf16, 3"):
+    with pytest.raises(ConfigError,
+                       match=r"--zero_stage 5.*Choose one of 0, 1, 2, 2_offload, 2_offload_bf16, 2_offload_zenflow, 3"):
         parse_args(["--zero_stage", "5"])
 
 

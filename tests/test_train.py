@@ -102,7 +102,23 @@ def test_zero3_offload_on_two_processes_through_torchrun(tmp_path):
 def test_zero2_offload_on_one_process(tmp_path):
     proc = launch([*FAST, "--zero_stage", "2_offload", "--seed", "0"], tmp_path)
     check_trained(proc, tmp_path, "2_offload", 1)
-    assert read_summary(tmp_path)["optimizer_state_dtypes"] == {"master_weights": "float32", "adam_moments": "float32"}
+    summary = read_summary(tmp_path)
+    assert summary["optimizer_state_dtypes"] == {"master_weights": "float32", "adam_moments": "float32"}
+    model_bytes = (only_run_dir(tmp_path) / "model" / "model.safetensors").stat().st_size
+    assert summary["disk_written_gib"] * 2**30 >= model_bytes  # this process wrote at least the saved model
+
+
+@pytest.mark.xdist_group("offload")
+def test_zenflow_takes_its_full_updates_every_update_interval(tmp_path):
+    """stage2_offload_zenflow.json through the HF Trainer: ZenFlow steps the top-k columns on every step and all parameters
+    every update_interval (4) steps. accelerate's wrapper would set every Trainer step as the boundary (8 full
+    updates in 8 steps); recipe.trainer lets the engine decide (2)."""
+    proc = launch([*FAST, "--zero_stage", "2_offload_zenflow", "--global_batch_size", "4", "--max_steps", "8",
+                   "--seed", "0"], tmp_path)
+    check_ok(proc)
+    summary = read_summary(tmp_path)
+    assert summary["zenflow"] == {"update_interval": 4, "topk_ratio": 0.05, "full_updates": 2, "steps": 8}, summary
+    assert math.isfinite(summary["train_loss"]) and summary["global_batch_size"] == summary["per_device_batch_size"]
 
 
 @pytest.mark.xdist_group("offload")
