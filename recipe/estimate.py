@@ -442,6 +442,17 @@ def low_precision_states(gpu: float, cpu: float, f: DsFeatures, low: float, gpus
     return gpu - low / gpus, cpu
 
 
+def zero_offload_host_bytes(f: DsFeatures, partition: float) -> float:
+    """Host bytes per process of ZeRO-Offload at stages 1-2 (DeepSpeed 0.19.8 stage_1_and_2.py): the master weights'
+    flat partition and its gradient, each in one pinned block, which torch's pinned allocator rounds up to a power of
+    two, and Adam's moments in ordinary memory (DeepSpeedCPUAdam). With each process's 3 GiB and the 16-bit weights
+    as loaded (2 bytes/param), against rank 0's peak RSS on one H200 (stage2_offload, seq 2048): 0.5B (the 1B shape
+    cut to 4 layers) / 1B / 3B / 8B shapes 11.7 / 30.5 / 64.9 / 141.8 GiB estimated, 11.4 / 31.7 / 67.0 / 142.9
+    measured (DeepSpeed's own estimate, 24 bytes/param: 14.3 / 30.6 / 74.8 / 182.5); bf16 states (0.5B) 7.8 / 7.3."""
+    master = 2 if f.state_bytes < 16 else 4
+    return 2 * pinned_block(master * partition) + (f.state_bytes - 2 * master) * partition
+
+
 def zenflow_gpu_states(f: DsFeatures, trained: int, gpus: int) -> float:
     """ZenFlow's selective optimizer on the GPU: fp32 weights, gradients and Adam moments of the top-k share of the
     columns (DeepSpeed's ZenFlowSelectiveAdamW; read in its code, not measured)."""
@@ -541,7 +552,10 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
         # a 16-bit copy of the trained weights beside the CPU share (fitted to the probe, 8B shape: 50 / 72 GiB
         # measured at ratio 0.2 / 0.4, estimated 54 / 90 GiB; the other offload rows are 4-27% above their RSS too)
         kept += 2 * trained / hw.nodes
-    cpu = procs * CPU_PROCESS_GIB * GiB + max(load, kept) + procs * offloaded_activation_bytes(shape, work)
+    held = max(load, kept)
+    if f.stage in (1, 2) and f.offload_optimizer == "cpu":  # measured: the loaded weights stay beside the states
+        held = load + procs * zero_offload_host_bytes(f, trained / n)
+    cpu = procs * CPU_PROCESS_GIB * GiB + held + procs * offloaded_activation_bytes(shape, work)
     # a checkpoint: 16-bit weights + fp32 master and Adam moments of the trained parameters
     disk = 2 * shape.n_params + 12 * trained if full else 2 * trained + 12 * trained
     problems = config_problems(shape, config, hw, name)

@@ -260,7 +260,7 @@ def test_partial_offload_ratio_is_the_largest_share_the_gpu_holds():
 
 def test_host_memory_steers_the_recommendation():
     """One H200: with a GPU server's host memory stage2_offload is the fastest that fits the 8B shape; with the
-    issue's 125 GiB host it needs 182 GiB and partial offload is chosen, its ratio from the GPU's room."""
+    issue's 125 GiB host it needs 142 GiB and partial offload is chosen, its ratio from the GPU's room."""
     shape = E.load_shape(str(MODELS / "llama-3.1-8b"))
     configs = E.shipped_configs()
     big = E.recommend(shape, configs, E.Hardware(1, 139.8, 1, 1024), E.Workload(micro_batch=8), max_batch=8)

@@ -12,7 +12,8 @@ from conftest import ROOT, check_ok, launch, load_script, only_run_dir, read_sum
 from recipe.ds_config import aio_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.xdist_group("gpu")]  # one worker: the GPUs are shared
-CONFIGS = ["0", "1", "2", "3", "2_offload", "3_offload", "3_partial_offload", "3_nvme"]
+CONFIGS = ["0", "1", "2", "3", "2_offload", "2_offload_bf16", "2_offload_zenflow", "3_offload", "3_partial_offload",
+           "3_nvme"]
 STEPS = ["--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
          "--heldout_max_samples", "8", "--seed", "0"]
 
@@ -28,8 +29,11 @@ def gpus() -> int:
 def test_ds_config_on_gpus(tmp_path, stage, nproc):
     if gpus() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
-    proc = launch([*STEPS, "--max_steps", "2", "--zero_stage", stage, "--nvme_path", str(tmp_path)], tmp_path / "r",
-                  nproc=nproc, launcher="deepspeed" if nproc > 1 else "python", env={"NCCL_NVLS_ENABLE": "0"})
+    # ZenFlow accumulates itself (update_interval): no accumulation of the Trainer's own on top
+    own = ["--per_device_train_batch_size", "8", "--global_batch_size", str(8 * nproc)] if "zenflow" in stage else []
+    proc = launch([*STEPS, "--max_steps", "2", "--zero_stage", stage, "--nvme_path", str(tmp_path), *own],
+                  tmp_path / "r", nproc=nproc, launcher="deepspeed" if nproc > 1 else "python",
+                  env={"NCCL_NVLS_ENABLE": "0"})
     if stage == "3_nvme" and not aio_available():
         # no libaio here: refused at start with the remedy, nothing trained
         assert proc.returncode == 2 and "libaio" in proc.stderr, proc.stderr[-2000:]

@@ -108,14 +108,14 @@ def verdict(model: str, config: str, host_gib: float, hw: E.Hardware, work: E.Wo
 ISSUE_HOST = 120.0
 EXPECTED_8B = {"stage0": True, "stage1": True, "stage2": True, "stage3": True, "stage3_nvme": True,
                "stage2_offload": False, "stage3_offload": False,
-               "stage2_offload_bf16": True,  # bf16 master weights, gradients and moments: 92.7 GiB, not 182.5
+               "stage2_offload_bf16": True,  # bf16 master weights, gradients and moments: 79.9 GiB, not 141.8
                "stage2_offload_zenflow": False,  # stage2_offload's fp32 states on the host
                "stage3_partial_offload": False}  # micro-batch 8 without checkpointing: 65% on the CPU, 135 GiB
 
 
 @pytest.mark.parametrize("config", sorted(E.shipped_configs()))
 def test_8b_on_one_h200_with_125_gib_of_host_memory(config):
-    """Every shipped config for the 8B shape on the issue's machine: the CPU-offload configs need 182 and 205 GiB
+    """Every shipped config for the 8B shape on the issue's machine: the CPU-offload configs need 142 and 205 GiB
     per node and are stopped with what fits (host memory; the GPU does not fit the in-GPU stages, which is the
     out-of-GPU-memory message's business)."""
     check = verdict("llama-3.1-8b", config, ISSUE_HOST, H200, E.Workload(micro_batch=8))
@@ -134,11 +134,14 @@ def test_8b_on_one_h200_with_125_gib_of_host_memory(config):
 
 
 def test_the_issues_numbers():
-    """The estimator's host figures the issue quotes (182 GiB for 2_offload, 205 GiB for 3_offload), and partial
-    offload on the issue's machine: the ratio the GPU allows and a host figure that fits."""
+    """The issue's 8B runs on one H200 (micro-batch 8) against rank 0's peak RSS measured there: stage2_offload
+    142.9 GiB (estimated 141.8: the pinned blocks of the master weights and gradients, Adam's moments, the loaded
+    weights; DeepSpeed's own 24 bytes/param said 182.5), stage3_offload 172.4 (DeepSpeed's estimate, 204.9, still
+    19% over); and partial offload on the issue's machine: the ratio the GPU allows and a host figure that fits."""
     need = {c: verdict("llama-3.1-8b", c, ISSUE_HOST, H200, E.Workload(micro_batch=8))["need_gib"]
             for c in ("stage2_offload", "stage3_offload")}
-    assert need == {"stage2_offload": pytest.approx(182.5, abs=0.5), "stage3_offload": pytest.approx(204.9, abs=0.5)}
+    assert need["stage2_offload"] == pytest.approx(142.9, rel=0.15) and need["stage3_offload"] > 172.4
+    assert need == {"stage2_offload": pytest.approx(141.8, abs=0.5), "stage3_offload": pytest.approx(204.9, abs=0.5)}
     check = verdict("llama-3.1-8b", "stage3_partial_offload", ISSUE_HOST, H200,
                     E.Workload(micro_batch=4, gradient_checkpointing=True))
     assert check["fits"] and check["need_gib"] < 50
@@ -181,7 +184,7 @@ def test_before_weights_stops_the_issues_run(issue_machine, tmp_path, monkeypatc
     with pytest.raises(ConfigError) as err:
         preflight.before_weights(args, model_args)
     text = str(err.value)
-    assert "stage2_offload.json with llama-3.1-8b" in text and "182.5 GiB" in text and "3_partial_offload" in text
+    assert "stage2_offload.json with llama-3.1-8b" in text and "141.8 GiB" in text and "3_partial_offload" in text
     assert report_file.read_text().startswith("host memory at start: stage2_offload.json")
     args.check_host_memory = False  # the TrainConfig field the flag sets: warned, not stopped
     assert preflight.before_weights(args, model_args)["fits"] is False
@@ -252,7 +255,7 @@ def test_dry_run_reports_host_memory_and_exits_2_when_it_would(issue_machine, tm
     with pytest.raises(ConfigError, match="host memory: stage2_offload.json"):
         train_ds.main(*parse_args(argv))
     result = json.loads(next(tmp_path.glob("*/memory_estimate.json")).read_text())
-    assert result["host_memory"]["fits"] is False and result["host_memory"]["need_gib"] == pytest.approx(182.5, abs=0.5)
+    assert result["host_memory"]["fits"] is False and result["host_memory"]["need_gib"] == pytest.approx(141.8, abs=0.5)
     assert result["hardware"]["cpu_memory_gib"] == pytest.approx(ISSUE_HOST)
 
 
