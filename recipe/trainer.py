@@ -30,6 +30,17 @@ class ThroughputMixin:
         return super().training_step(model, inputs, *args, **kwargs)
 
 
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.meter is not None and "loss" in logs:
+            group = None
+            if sequence_parallel_active(self.accelerator):
+                from deepspeed.utils import groups
+
+                group = groups._get_sequence_parallel_group()
+            logs.update(self.meter.report(sp_group=group))
+        super().log(logs, start_time)
+
+
 def let_zenflow_own_the_boundary(accelerator) -> bool:
     """Under ZenFlow, DeepSpeed's engine decides which steps update every parameter (zenflow/engine.py
     is_zenflow_update_boundary: every update_interval) and takes engine.step() after every backward, the top-k
@@ -47,16 +58,6 @@ def let_zenflow_own_the_boundary(accelerator) -> bool:
 
         wrapper.backward, wrapper.zenflow_loop = backward, True
     return True
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        if self.meter is not None and "loss" in logs:
-            group = None
-            if sequence_parallel_active(self.accelerator):
-                from deepspeed.utils import groups
-
-                group = groups._get_sequence_parallel_group()
-            logs.update(self.meter.report(sp_group=group))
-        super().log(logs, start_time)
 
 
 class RecipeTrainer(ThroughputMixin, SFTTrainer):
