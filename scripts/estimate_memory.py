@@ -162,7 +162,7 @@ def requirements(a) -> str:
     out += ["", "### Host RAM per node as the limit", "",
             f"The same choice on {', '.join(HOST_SIZES)} hosts with {', '.join(map(str, HOST_GPU_COUNTS))} GPUs: "
             "host memory is the limit that one-GPU machines with CPU offload hit first (an 8B full fine-tune with "
-            "stage2_offload needs about 142 GiB per node, stage3_offload 205 GiB). A host fits a config when its "
+            "stage2_offload needs about 142 GiB per node, stage3_offload 173 GiB). A host fits a config when its "
             f"estimate is below {E.HOST_USABLE_FRACTION:.0%} of the host memory a run can use (GiB in each heading: "
             "the machine's MemAvailable at start, or its cgroup limit, is what `train_ds.py` compares and stops on "
             "before any weights load).", ""]
