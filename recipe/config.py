@@ -335,7 +335,8 @@ class TrainConfig(SFTConfig):
         return resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                              self.ds.stage if self.ds else None, torch.cuda.is_available(),
                              varlen_attention=self.varlen_attention, padding_free=self._padding_free,
-                             tiled_mlp=tiled_mlp, fp8=bool(self.fp8), param_offload=bool(self.ds and self.ds.offload_param))
+                             tiled_mlp=tiled_mlp, fp8=bool(self.fp8),
+                             param_offload=bool(self.ds and self.ds.offload_param))
 
 
 # ---------------------------------------------------------------- explicit DeepSpeed JSON values

@@ -50,7 +50,8 @@ SPEED = {"stage2": 1.0, "stage1": 0.999, "stage0": 0.998, "stage3": 0.94, "stage
 NOT_RECOMMENDED = {
     "stage2_offload_bf16": "bf16 master weights lose the updates below a weight's bf16 step (ds_check warns with the "
                            "measurement)",
-    "stage2_offload_zenflow": "ZenFlow steps most parameters every update_interval steps only; not measured on a GPU yet",
+    "stage2_offload_zenflow": "ZenFlow steps most parameters every update_interval steps only; not measured on a "
+                              "GPU yet",
 }
 GC_SPEED = 0.82
 # Throughput grows with tokens per micro-batch as T / (T + T0): batch 8 -> 16 at seq 2048 gave 1.13x (H100).

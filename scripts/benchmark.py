@@ -221,7 +221,8 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
             if (run_dir / "summary.json").exists():  # it trained and reported; the limit fell in its shutdown
-                return json.loads((run_dir / "summary.json").read_text()), f"ok (its summary written, then the {timeout}s limit)"
+                summary = json.loads((run_dir / "summary.json").read_text())
+                return summary, f"ok (its summary written, then the {timeout}s limit)"
             return None, f"timeout after {timeout}s"
     summary = run_dir / "summary.json"
     if rc == 0 and summary.exists():

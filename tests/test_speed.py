@@ -337,7 +337,8 @@ def test_a_benchmark_run_past_its_timeout_is_ended_with_its_children(tmp_path):
     # a run that wrote its summary and then ran into the limit while shutting down (the 8B LoRA row at 256K on an
     # H200: summary at 14:31:57, the limit 3 s later) keeps its figures
     run = tmp_path / "late"
-    cmd = ["bash", "-c", f"mkdir -p {run}; echo '{{\"tokens_per_second_per_device\": 949.2}}' > {run}/summary.json; sleep 60"]
+    write = f"echo '{{\"tokens_per_second_per_device\": 949.2}}' > {run}/summary.json"
+    cmd = ["bash", "-c", f"mkdir -p {run}; {write}; sleep 60"]
     summary, status = benchmark.run_one("late", cmd, run, tmp_path, timeout=2)
     assert summary == {"tokens_per_second_per_device": 949.2} and status.startswith("ok (its summary written")
 

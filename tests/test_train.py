@@ -110,9 +110,9 @@ def test_zero2_offload_on_one_process(tmp_path):
 
 @pytest.mark.xdist_group("offload")
 def test_zenflow_takes_its_full_updates_every_update_interval(tmp_path):
-    """stage2_offload_zenflow.json through the HF Trainer: ZenFlow steps the top-k columns on every step and all parameters
-    every update_interval (4) steps. accelerate's wrapper would set every Trainer step as the boundary (8 full
-    updates in 8 steps); recipe.trainer lets the engine decide (2)."""
+    """stage2_offload_zenflow.json through the HF Trainer: ZenFlow steps the top-k columns on every step and all
+    parameters every update_interval (4) steps. accelerate's wrapper would set every Trainer step as the boundary
+    (8 full updates in 8 steps); recipe.trainer lets the engine decide (2)."""
     proc = launch([*FAST, "--zero_stage", "2_offload_zenflow", "--global_batch_size", "4", "--max_steps", "8",
                    "--seed", "0"], tmp_path)
     check_ok(proc)
