@@ -505,7 +505,7 @@ def low_precision_state_problems(config: dict, name: str, training: dict) -> lis
                             "DeepSpeed asks for DeepSpeedCPUAdam for fp32 moments beside bf16 master weights",
                             'add "bf16_optimizer_states": true, or offload_optimizer {"device": "cpu"}'))
     if training.get("bf16") is False:
-        problems.append(msg(name, key, f"with a {'fp16' if training.get('fp16') else 'fp32'} run: the master "
+        problems.append(msg(name, key, f"with an {'fp16' if training.get('fp16') else 'fp32'} run: the master "
                             "weights and moments are bf16 copies of bf16 weights", "train in bf16 (--bf16 true, "
                             "on CPU too), or use the file without the bf16 states (ds_configs/stage2_offload.json)"))
     return problems
