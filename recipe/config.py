@@ -255,7 +255,9 @@ class TrainConfig(SFTConfig):
             except ConfigError as e:
                 problems += e.problems
                 self.deepspeed, self.ds_config_path = None, None
-        padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in ("bfd", "bfd_split")))
+        # decided once: speed_choices reads it again when preflight settles --tiled_mlp auto
+        padding_free = self._padding_free = bool(self.padding_free or (self.packing and self.packing_strategy in
+                                                                       ("bfd", "bfd_split")))
         sp = self.sequence_parallel_size
         if sp != 1:
             from recipe.long_context import sequence_parallel_problems
@@ -305,7 +307,6 @@ class TrainConfig(SFTConfig):
             elif isinstance(asked, int) and asked % sp:
                 problems.append(f"--pad_to_multiple_of {self.pad_to_multiple_of} with --sequence_parallel_size {sp}: "
                                 f"each batch's length must split over {sp} ranks; use a multiple of {sp}.")
-        self._padding_free = padding_free
         self.speed, speed_problems = self.speed_choices(tiled_mlp_wanted(self.tiled_mlp, self.max_length))
         problems += speed_problems
         if self.fp8:

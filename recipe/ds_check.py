@@ -129,12 +129,7 @@ def check_ds_config(config: dict, name: str = "ds_config", training: dict | None
     errors += optimizer_problems(config, name, training, cpu_adam)
     errors += batch_problems(config, name, training.get("world_size"))
     warnings = deprecated_key_warnings(config, name) + training_warnings(config, name, training)
-    if DsConfig(config).bf16_master_weights:
-        warnings.append(msg(name, "bf16.bf16_master_weights_and_grads", "bf16 master weights round every update to "
-                            "the weight's bf16 step, and smaller updates are lost: on one H200 (Llama-3.2-1B shape cut "
-                            "to 4 layers, lr 1e-5, 100 steps) the loss fell 0.01 against 0.27 with fp32 states, for "
-                            "36% less host memory and a 1.33x faster CPU step", "use it only where fp32 states do not "
-                            "fit the host, with a learning rate the bf16 weights can resolve, and watch the loss"))
+    warnings += low_precision_state_warnings(config, name)
     return errors, warnings
 
 
@@ -509,6 +504,17 @@ def low_precision_state_problems(config: dict, name: str, training: dict) -> lis
                             "weights and moments are bf16 copies of bf16 weights", "train in bf16 (--bf16 true, "
                             "on CPU too), or use the file without the bf16 states (ds_configs/stage2_offload.json)"))
     return problems
+
+
+def low_precision_state_warnings(config: dict, name: str) -> list[str]:
+    """What bf16 master weights cost, measured (results/benchmarks/2026-12-02_NVIDIA-H200-bf16-states/)."""
+    if not DsConfig(config).bf16_master_weights:
+        return []
+    return [msg(name, "bf16.bf16_master_weights_and_grads", "bf16 master weights round every update to the weight's "
+                "bf16 step, and smaller updates are lost: on one H200 (Llama-3.2-1B shape cut to 4 layers, lr 1e-5, "
+                "100 steps) the loss fell 0.01 against 0.27 with fp32 states, for 36% less host memory and a 1.33x "
+                "faster CPU step", "use it only where fp32 states do not fit the host, with a learning rate the bf16 "
+                "weights can resolve, and watch the loss")]
 
 
 def zenflow_problems(config: dict, name: str, training: dict) -> list[str]:

@@ -133,11 +133,14 @@ class DsConfig:
         return self.value("bf16.bf16_optimizer_states") is True
 
     @property
-    def optimizer_state_bytes(self) -> int:
-        """Bytes per trained parameter of ZeRO's optimizer-side state: master weights + their gradients + Adam's two
-        moments; 4 + 4 + 8 = 16 in fp32, 2 + 2 + 8 with bf16 master weights, 2 + 2 + 4 with bf16 states too."""
-        master = 2 if self.bf16_master_weights else 4
-        return 2 * master + (4 if self.bf16_optimizer_states else 8)
+    def master_bytes(self) -> int:
+        """Bytes per trained parameter of ZeRO's master weights, and of their gradients: 4 (fp32), 2 in bf16."""
+        return 2 if self.bf16_master_weights else 4
+
+    @property
+    def moment_bytes(self) -> int:
+        """Bytes per trained parameter of Adam's two moments: 8 (fp32), 4 with bf16_optimizer_states."""
+        return 4 if self.bf16_optimizer_states else 8
 
     @property
     def param_buffer_size(self):

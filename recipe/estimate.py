@@ -290,8 +290,14 @@ class DsFeatures:
     param_buffers: int = 5  # offload_param.buffer_count
     optimizer_buffers: int = 4  # offload_optimizer.buffer_count
     max_in_cpu: float = 1e9  # offload_param.max_in_cpu: 16-bit parameter elements kept in CPU memory under NVMe
-    state_bytes: int = 16  # master weights + their gradients + Adam moments per trained parameter (bf16 ones: 8)
+    master_bytes: int = 4  # per trained parameter, of the master weights and of their gradients (bf16 ones: 2)
+    moment_bytes: int = 8  # per trained parameter, of Adam's two moments (bf16 ones: 4)
     zenflow_topk: float = 0.0  # ZenFlow's topk_ratio: that share of the columns keeps fp32 states on the GPU
+
+    @property
+    def state_bytes(self) -> int:
+        """Master weights + their gradients + Adam's moments per trained parameter: 16 in fp32."""
+        return 2 * self.master_bytes + self.moment_bytes
 
 
 def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
@@ -321,8 +327,8 @@ def ds_features(config: dict, shape: ModelShape) -> DsFeatures:
                       param_buffers=int(offload("offload_param", "buffer_count", 5)),
                       optimizer_buffers=int(offload("offload_optimizer", "buffer_count", 4)),
                       max_in_cpu=float(offload("offload_param", "max_in_cpu", 1e9)),
-                      state_bytes=ds.optimizer_state_bytes,
-                      zenflow_topk=float((ds.zenflow or {}).get("topk_ratio", 0.1)) if ds.zenflow is not None else 0.0)
+                      master_bytes=ds.master_bytes, moment_bytes=ds.moment_bytes,
+                      zenflow_topk=float(ds.zenflow.get("topk_ratio", 0.1)) if ds.zenflow is not None else 0.0)
 
 
 def rank_tokens(work: Workload) -> float:
@@ -450,8 +456,7 @@ def zero_offload_host_bytes(f: DsFeatures, partition: float) -> float:
     as loaded (2 bytes/param), against rank 0's peak RSS on one H200 (stage2_offload, seq 2048): 0.5B (the 1B shape
     cut to 4 layers) / 1B / 3B / 8B shapes 11.7 / 30.5 / 64.9 / 141.8 GiB estimated, 11.4 / 31.7 / 67.0 / 142.9
     measured (DeepSpeed's own estimate, 24 bytes/param: 14.3 / 30.6 / 74.8 / 182.5); bf16 states (0.5B) 7.8 / 7.3."""
-    master = 2 if f.state_bytes < 16 else 4
-    return 2 * pinned_block(master * partition) + (f.state_bytes - 2 * master) * partition
+    return 2 * pinned_block(f.master_bytes * partition) + f.moment_bytes * partition
 
 
 def zero3_offload_host_bytes(f: DsFeatures, partition: float) -> float:
@@ -461,13 +466,12 @@ def zero3_offload_host_bytes(f: DsFeatures, partition: float) -> float:
     Adam's moments; each pinned block a power of two. With each process's 3 GiB, against rank 0's peak RSS on one
     H200 (stage3_offload, seq 2048): 1B / 3B / 8B shapes 33.8 / 75.9 / 172.8 GiB estimated, 31.8 / 75.5 / 172.4
     measured (DeepSpeed's own estimate, 27 bytes/param: 34.1 / 83.8 / 204.9)."""
-    master = 2 if f.state_bytes < 16 else 4
-    moments = f.state_bytes - 2 * master
+    master = f.master_bytes
     sub = max(1.0, min(f.sub_group_size, partition))
     whole, rest = divmod(partition, sub)
     sub_grads = whole * pinned_block(master * sub) + (pinned_block(master * rest) if rest >= 1 else 0)
     params = pinned_block(2 * partition) if f.offload_param == "cpu" else 0
-    return pinned_block(master * partition) + params + master * partition + sub_grads + moments * partition
+    return pinned_block(master * partition) + params + master * partition + sub_grads + f.moment_bytes * partition
 
 
 def zenflow_gpu_states(f: DsFeatures, trained: int, gpus: int) -> float:
@@ -527,7 +531,7 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     # the part of the states that lives only during the optimizer step (sharded): fp32 gradients, 4 bytes/param
     # for stages 1-2; stage 3 reduces straight into its fp32 partition, leaving 2 bytes/param of the 18 to the step
     # (under partial offload, for the GPU's share of the optimizer states)
-    step_only = 0 if offloaded else (2 if f.stage == 3 else 4 if f.state_bytes == 16 else 2) * trained / n
+    step_only = 0 if offloaded else (2 if f.stage == 3 else f.master_bytes) * trained / n
     if share is not None:
         step_only = (1 - share) * 2 * trained / n
     # frozen base weights (LoRA: bf16; QLoRA: 4-bit linears + quantisation constants, bf16 embeddings)
@@ -573,7 +577,7 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
     if f.stage in (1, 2) and f.offload_optimizer == "cpu":  # measured: the loaded weights stay beside the states
         held = load + procs * zero_offload_host_bytes(f, trained / n)
     elif f.stage == 3 and f.offload_optimizer == "cpu" and share is None:
-        held = procs * zero3_offload_host_bytes(f, trained / n) + (frozen_on_cpu / hw.nodes if not full else 0)
+        held = procs * zero3_offload_host_bytes(f, trained / n) + frozen_on_cpu / hw.nodes  # 0 when full
     cpu = procs * CPU_PROCESS_GIB * GiB + held + procs * offloaded_activation_bytes(shape, work)
     # a checkpoint: 16-bit weights + fp32 master and Adam moments of the trained parameters
     disk = 2 * shape.n_params + 12 * trained if full else 2 * trained + 12 * trained

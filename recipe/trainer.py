@@ -26,9 +26,7 @@ class ThroughputMixin:
     def training_step(self, model, inputs, *args, **kwargs):
         if self.meter is not None:
             self.meter.add_batch(inputs)
-        let_zenflow_own_the_boundary(self.accelerator)
         return super().training_step(model, inputs, *args, **kwargs)
-
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self.meter is not None and "loss" in logs:
@@ -77,6 +75,10 @@ class RecipeTrainer(ThroughputMixin, SFTTrainer):
         if plan is not None and getattr(self.args, "sequence_parallel_size", 1) > 1:
             resumable_under_sequence_parallel()
         return super().train(str(plan.checkpoint) if plan is not None else None, *args, **kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        let_zenflow_own_the_boundary(self.accelerator)  # after accelerate's prepare, which made the wrapper
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
