@@ -103,6 +103,8 @@ def apply_speed(model, choices: dict) -> None:
         if layers is None:
             logger.warning("compile_layers: no decoder layer list found on %s; running eager.", type(model).__name__)
             return
+        if choices.get("zero3_leaf_layers"):
+            allow_a_graph_per_layer(len(layers))
         for layer in layers:  # in place: parameter names (checkpoints) unchanged
             if choices.get("zero3_leaf_layers"):
                 layer.forward = torch.compile(layer.forward)  # ZeRO-3's hooks on the layer run eager around it
@@ -110,6 +112,15 @@ def apply_speed(model, choices: dict) -> None:
                 layer.compile()
         logger.info("compile_layers: %d decoder layers compiled (first steps are slower while it compiles).",
                     len(layers))
+
+
+def allow_a_graph_per_layer(n_layers: int) -> None:
+    """Under ZeRO-3 each leaf layer's compiled forward may compile once per layer (on a GPU, 16 graphs for 16
+    layers): with torch's default recompile limit (8) the layers past the eighth ran eager (profile of the Llama-3.2-1B
+    shape on one H200, 2026-12-02: 8 of 16 layers' backward compiled, 0.575 s a step against ZeRO-2's 0.546)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 2 * n_layers + 8)  # + the eval (no-grad) graphs
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * n_layers + 16)
 
 
 def decoder_layers(model):

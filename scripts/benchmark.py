@@ -234,6 +234,27 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
     return None, f"exit {rc}: {errors[-1][:200] if errors else 'see log'}"
 
 
+def max_accumulation(variants: list[list[str]]) -> int:
+    """The largest --gradient_accumulation_steps among the variants' flags (1 without): each optimizer step reads
+    that many micro-batches, so the data must hold max_steps x batch x accumulation rows (with fewer, the Trainer
+    ends each epoch early and an optimizer step sees fewer tokens than asked)."""
+    most = 1
+    for _, flags in variants:
+        words = shlex.split(flags)
+        for i, word in enumerate(words):
+            if word == "--gradient_accumulation_steps" and i + 1 < len(words):
+                most = max(most, int(words[i + 1]))
+            elif word.startswith("--gradient_accumulation_steps="):
+                most = max(most, int(word.split("=", 1)[1]))
+    return most
+
+
+def accumulation_of(cmd: list[str]) -> int:
+    """A row's gradient accumulation (the last --gradient_accumulation_steps of its command wins, as in argparse)."""
+    values = [cmd[i + 1] for i, word in enumerate(cmd[:-1]) if word == "--gradient_accumulation_steps"]
+    return int(values[-1]) if values else 1
+
+
 def model_of(cmd: list[str]) -> str | None:
     """The model folder a row's command trains (ours: --model_name_or_path, the baseline: --model)."""
     for flag in ("--model_name_or_path", "--model"):
@@ -253,7 +274,7 @@ def row_from(name, variant, summary, status, gpu, gpus, stage, batch, seq_len, c
         "mfu_convention": MFU_FORMULA,
         "peak_memory_gib": s.get("peak_memory_gib"), "host_peak_rss_gib": s.get("cpu_peak_rss_gib"),
         "disk_written_gib": s.get("disk_written_gib"),
-        "step_time_s": batch * seq_len / tps if tps and lengths == "fixed" else None,
+        "step_time_s": batch * accumulation_of(cmd) * seq_len / tps if tps and lengths == "fixed" else None,
         "loss": s.get("train_loss"), "status": status,
         "options": {k: s.get(k) for k in ("fused_loss", "compile_layers", "liger_kernels", "varlen_attention",
                                           "zero3_leaf_layers", "tiled_mlp", "fp8", "packing",
@@ -369,7 +390,7 @@ def main(argv=None) -> list[dict]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     model = (ROOT / a.model).resolve() if not Path(a.model).is_absolute() else Path(a.model)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    batch_rows = a.max_steps * max(batches + base_batches) * max(gpu_counts)
+    batch_rows = a.max_steps * max(batches + base_batches) * max(gpu_counts) * max_accumulation(variants)
     rows_needed = rows_for(batch_rows * a.seq_len, batch_rows, a.seq_len, a.lengths)
     data = work / f"{a.tokens}_{a.lengths}_{a.seq_len}_{vocab}_{rows_needed}.parquet"
     make_data(data, rows_needed, a.seq_len, vocab, a.lengths, a.tokens)

@@ -148,6 +148,22 @@ def test_compiled_layers_keep_names_and_values():
     assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_zero3_leaf_layers_may_each_compile_their_own_graph(monkeypatch):
+    """Under ZeRO-3 a compiled leaf layer may compile once per layer: the recompile limit must let all of them
+    (torch's default of 8 left the 1B shape's layers 9-16 eager on an H200)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2)
+    choices = {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False, "tiled_mlp": False}
+    apply_speed(LlamaForCausalLM(config), {**choices, "zero3_leaf_layers": False})
+    assert torch._dynamo.config.recompile_limit == 8  # ZeRO-2's compiled layers share one graph
+    apply_speed(LlamaForCausalLM(config), {**choices, "zero3_leaf_layers": True})
+    assert torch._dynamo.config.recompile_limit >= 12
+
+
 def test_random_init_from_a_config_folder(tmp_path):
     from types import SimpleNamespace
 
@@ -201,6 +217,11 @@ def test_benchmark_ratios_and_report(tmp_path):
     assert "| 95.0% |" in table and "out of GPU memory" in table and "1.67x" in table and "vs best baseline" in table
     benchmark.write_chart(rows, tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").stat().st_size > 1000
+    # accumulation: the data holds every micro-batch of every step, and a step's time counts them all
+    assert benchmark.max_accumulation([["a", ""], ["b", "--use_peft true --gradient_accumulation_steps 32"]]) == 32
+    accumulated = benchmark.row_from("g", "g", {"tokens_per_second_per_device": 6900.0}, "ok", "GPU", 1, "3", 4, 2048,
+                                     ["--gradient_accumulation_steps", "1", "--gradient_accumulation_steps", "32"])
+    assert accumulated["step_time_s"] == pytest.approx(4 * 32 * 2048 / 6900.0)
 
 
 def test_benchmark_stops_the_baseline_at_its_first_out_of_memory(tmp_path, monkeypatch):
