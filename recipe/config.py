@@ -148,7 +148,7 @@ class TrainConfig(SFTConfig):
                   "choices": ["auto", "liger", "trl"]},
     )
     compile_layers: str = auto_flag("torch.compile each decoder layer. auto: on with CUDA (not with the tiled MLP; "
-                                    "under ZeRO-3 only with --fp8 and no parameter offload); under ZeRO-3 each "
+                                    "under ZeRO-3 not with parameter offload); under ZeRO-3 each "
                                     "layer is a ZeRO-3 leaf module and its forward compiles.")
     liger_kernels: str = auto_flag("Liger's fused RMSNorm/SwiGLU/RoPE kernels. auto: on with CUDA when layers are "
                                    "not compiled.")
@@ -336,8 +336,7 @@ class TrainConfig(SFTConfig):
         return resolve_speed(self.fused_loss, self.compile_layers, self.liger_kernels,
                              self.ds.stage if self.ds else None, torch.cuda.is_available(),
                              varlen_attention=self.varlen_attention, padding_free=self._padding_free,
-                             tiled_mlp=tiled_mlp, fp8=bool(self.fp8),
-                             param_offload=bool(self.ds and self.ds.offload_param))
+                             tiled_mlp=tiled_mlp, param_offload=bool(self.ds and self.ds.offload_param))
 
 
 # ---------------------------------------------------------------- explicit DeepSpeed JSON values

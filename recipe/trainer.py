@@ -172,27 +172,32 @@ class ReleaseShmBuffersCallback(TrainerCallback):
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop at the first logged loss that is nan or inf, before anything is saved from the broken weights.
+    """Stop at the first logged loss or gradient norm that is nan or inf, before anything is saved from the broken
+    weights. (Our bf16 ZeRO-1/2 configs turn DeepSpeed's per-gradient overflow check off, as ZeRO-3 never runs it in
+    bf16: a non-finite gradient is not skipped by DeepSpeed, so its norm is what shows it.)
 
-    Every rank sees the same logged loss (it is gathered), so all stop together; main() then exits with
+    Every rank sees the same logged values (they are gathered), so all stop together; main() then exits with
     the step, the last good checkpoint and the usual causes.
     """
 
     def __init__(self):
         self.bad_step: int | None = None
         self.bad_value: float | None = None
+        self.bad_name = "training loss"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import math
 
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.bad_step, self.bad_value = state.global_step, loss
-            control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
+        for key, name in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.bad_step, self.bad_value, self.bad_name = state.global_step, value, name
+                control.should_training_stop, control.should_save, control.should_evaluate = True, False, False
+                return
 
     def message(self, output_dir: str, learning_rate: float) -> str:
         good = last_complete(output_dir)
-        return (f"the training loss became {self.bad_value} at step {self.bad_step}; training stopped and nothing "
+        return (f"the {self.bad_name} became {self.bad_value} at step {self.bad_step}; training stopped and nothing "
                 f"was saved from the broken weights. Last good checkpoint: {good or 'none'}. "
                 f"Usual causes: a learning rate too high (now {learning_rate:g}; try 10x lower), fp16 overflow "
                 "(use --bf16 where the GPU has it), no gradient clipping (--max_grad_norm 1.0), or rows with nothing "

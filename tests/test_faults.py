@@ -244,6 +244,22 @@ def test_one_rank_dies_and_the_whole_job_ends_promptly(tmp_path, how):
 # ── a nan loss, a full disk ──────────────────────────────────────────────────
 
 
+def test_a_non_finite_gradient_norm_stops_like_a_non_finite_loss():
+    """ZeRO-1/2 bf16 configs leave DeepSpeed's overflow check off (ZeRO-3 never runs it in bf16): a step whose
+    gradient norm is inf or nan stops the run before a save, even while the loss logged beside it is finite."""
+    from types import SimpleNamespace
+
+    from recipe.trainer import NonFiniteLossCallback
+
+    callback, control = NonFiniteLossCallback(), SimpleNamespace(should_training_stop=False, should_save=True,
+                                                                 should_evaluate=True)
+    callback.on_log(None, SimpleNamespace(global_step=7), control, logs={"loss": 2.5, "grad_norm": 3.0})
+    assert not control.should_training_stop and callback.bad_step is None
+    callback.on_log(None, SimpleNamespace(global_step=8), control, logs={"loss": 2.5, "grad_norm": float("inf")})
+    assert control.should_training_stop and not control.should_save and callback.bad_step == 8
+    assert callback.message("/nonexistent", 1e-4).startswith("the gradient norm became inf at step 8")
+
+
 @pytest.mark.xdist_group("nan")
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     args = [*CKPT, "--save_steps", "4", "--max_steps", "30", "--report_to", "none"]

@@ -19,8 +19,8 @@ NO_Z3 = {"zero3_leaf_layers": False}
 
 @pytest.mark.parametrize("stage,cuda,liger,expected", [
     (2, True, True, {"fused_loss": "liger", "compile_layers": True, "liger_kernels": False, **NO_Z3}),
-    (3, True, True, {"fused_loss": "liger", "compile_layers": False, "liger_kernels": True, **NO_Z3}),
-    (3, True, False, {"fused_loss": "trl", "compile_layers": False, "liger_kernels": False, **NO_Z3}),
+    (3, True, True, {"fused_loss": "liger", "compile_layers": True, "liger_kernels": False, "zero3_leaf_layers": True}),
+    (3, True, False, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False, "zero3_leaf_layers": True}),
     (3, False, True, {"fused_loss": "trl", "compile_layers": False, "liger_kernels": False, **NO_Z3}),
     (2, True, False, {"fused_loss": "trl", "compile_layers": True, "liger_kernels": False, **NO_Z3}),
     (2, False, True, {"fused_loss": "trl", "compile_layers": False, "liger_kernels": False, **NO_Z3}),
@@ -107,14 +107,14 @@ def test_zero3_gathers_a_head_read_outside_its_module_and_leaf_layers_train_the_
         assert "LlamaDecoderLayer" in leaf_hooks and "LlamaMLP" not in leaf_hooks and "LlamaMLP" in module_hooks
 
 
-def test_zero3_compiles_leaf_layers_with_fp8_unless_parameters_are_offloaded():
-    choices, _ = resolve_speed("auto", "auto", "auto", 3, True, True, varlen=True, fp8=True)
+def test_zero3_compiles_leaf_layers_unless_parameters_are_offloaded():
+    choices, _ = resolve_speed("auto", "auto", "auto", 3, True, True, varlen=True)
     assert choices["compile_layers"] and choices["zero3_leaf_layers"] and not choices["liger_kernels"]
-    choices, _ = resolve_speed("auto", "auto", "auto", 3, True, True, varlen=True, fp8=True, param_offload=True)
+    choices, _ = resolve_speed("auto", "auto", "auto", 3, True, True, varlen=True, param_offload=True)
     assert not choices["compile_layers"] and not choices["zero3_leaf_layers"] and choices["liger_kernels"]
-    choices, _ = resolve_speed("auto", "true", "auto", 3, True, True, varlen=True)  # asked for: leaf layers
+    choices, _ = resolve_speed("auto", "true", "auto", 3, True, True, varlen=True, param_offload=True)  # asked for
     assert choices["compile_layers"] and choices["zero3_leaf_layers"]
-    choices, _ = resolve_speed("auto", "auto", "auto", 2, True, True, varlen=True, fp8=True, param_offload=True)
+    choices, _ = resolve_speed("auto", "auto", "auto", 2, True, True, varlen=True, param_offload=True)
     assert choices["compile_layers"] and not choices["zero3_leaf_layers"]
 
 
