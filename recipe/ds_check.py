@@ -29,7 +29,8 @@ import typing
 from functools import lru_cache
 from pathlib import Path
 
-from recipe.ds_config import DsConfig, aio_available, cpu_adam_available, ds_attr
+from recipe.ds_config import (DS_MAX_IN_CPU_DEFAULT, DS_REUSE_DISTANCE_DEFAULT, DsConfig, aio_available,
+                              cpu_adam_available, ds_attr)
 
 AUTO = "auto"
 IDENTIFIER = re.compile(r"[A-Za-z_]\w*\Z")
@@ -724,24 +725,57 @@ def nvme_problems(ds: DsConfig, aio=aio_available) -> list[str]:
 
 
 def nvme_buffer_problems(config: dict, name: str, largest_param: int, world_size: int,
-                         largest_name: str = "the model's largest parameter") -> list[str]:
+                         largest_name: str = "the model's largest parameter", n_params: int | None = None) -> list[str]:
     """NVMe parameter offload keeps each parameter's partition in one swap buffer of offload_param.buffer_size
     elements, and DeepSpeed asserts at the first forward ("More elements N than buffer size M") when one is larger:
     DeepSpeed's default 1e8 is below every Llama-3 embedding (128256 x hidden) on one process. "auto" is filled from
-    the model (recipe.ds_config.fill_model_autos) and passes."""
+    the model (recipe.ds_config.fill_model_autos) and passes. With n_params, also the swap buffers' count:
+    nvme_reuse_problems."""
     from recipe.ds_config import param_buffer_elements
 
     ds = DsConfig(config)
     size = ds.param_buffer_size
+    reuse = nvme_reuse_problems(config, name, n_params, world_size) if n_params else []
     if size is None or size == AUTO or isinstance(size, bool) or not isinstance(size, int | float):
-        return []  # no NVMe parameter offload, "auto", or a non-number (value_problems names that)
+        return reuse  # no NVMe parameter offload, "auto", or a non-number (value_problems names that)
     partition = -(-int(largest_param) // max(1, int(world_size)))
     if size >= partition:
-        return []
+        return reuse
     written = "" if "buffer_size" in (_zero(config).get("offload_param") or {}) else " (absent: DeepSpeed's default)"
     per = f", {partition:,} per process on {world_size} processes" if world_size > 1 else ""
     return [msg(name, "zero_optimization.offload_param.buffer_size",
                 f"{int(size):,} elements{written} is smaller than {largest_name}: {int(largest_param):,} elements"
                 f"{per}; DeepSpeed stops at the first forward with \"More elements {partition} than buffer size "
                 f"{int(size)}\"", f'set it to "auto" (filled from the model: '
-                f"{param_buffer_elements(largest_param, world_size):,} here), or at least {partition:,}")]
+                f"{param_buffer_elements(largest_param, world_size):,} here), or at least {partition:,}")] + reuse
+
+
+def nvme_reuse_problems(config: dict, name: str, n_params: int, world_size: int) -> list[str]:
+    """Past offload_param.max_in_cpu elements per process, NVMe-offloaded parameters are swapped in through
+    buffer_count swap buffers, one parameter each. ZeRO-3 keeps a gathered parameter (and so its buffer) while its
+    next use is within stage3_max_reuse_distance elements, and once the first step has recorded the trace (from step
+    2) the parameters kept outnumber the buffers: DeepSpeed stops with "Not enough buffers 0 for swapping 1". Seen on
+    an H200 with the Llama-3.2-1B shape (1.24B parameters against max_in_cpu 1e9, reuse distance 1e9, 5 buffers: at
+    layer 10 of 16, 2026-12-02) and reproduced on CPU (a 0.16B model with max_in_cpu 0); a reuse distance of 0
+    trains the same run to the same loss."""
+    ds = DsConfig(config)
+    if ds.offload_param != "nvme":
+        return []
+    zero = _zero(config)
+    in_cpu = ds.offload_value("offload_param", "max_in_cpu")
+    in_cpu = DS_MAX_IN_CPU_DEFAULT if in_cpu is None else in_cpu
+    reuse = zero.get("stage3_max_reuse_distance", DS_REUSE_DISTANCE_DEFAULT)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (in_cpu, reuse)):
+        return []  # value_problems names a non-number
+    per_process = -(-int(n_params) // max(1, int(world_size)))
+    if reuse <= 0 or per_process <= in_cpu:
+        return []  # parameters released after each use, or all of them held in CPU memory (no swap buffers)
+    written = "" if "stage3_max_reuse_distance" in zero else " (absent: DeepSpeed's default)"
+    return [msg(name, "zero_optimization.stage3_max_reuse_distance",
+                f"{reuse:,.0f}{written} with parameters on NVMe: the model's {per_process:,} parameter elements per "
+                f"process exceed offload_param.max_in_cpu ({in_cpu:,.0f}), so those past it are swapped in through "
+                "offload_param.buffer_count buffers, and ZeRO-3 holds every parameter reused within that distance "
+                "(its buffer with it); from the second step "
+                "DeepSpeed stops with \"Not enough buffers 0 for swapping 1\"",
+                "set stage3_max_reuse_distance to 0 (as the shipped stage3_nvme.json does), or raise max_in_cpu "
+                "above the model's parameters if the host holds them")]

@@ -27,6 +27,8 @@ DEFAULT_DS_CONFIG = DS_CONFIG_DIR / "stage2.json"
 TESTED_DEEPSPEED = "0.19.8"
 OFFLOAD_KEYS = ("offload_optimizer", "offload_param")
 DS_PARAM_BUFFER_DEFAULT = 100_000_000  # offload_param.buffer_size when absent (offload_config.py, 0.19.8)
+DS_MAX_IN_CPU_DEFAULT = 1_000_000_000  # offload_param.max_in_cpu when absent (offload_config.py, 0.19.8)
+DS_REUSE_DISTANCE_DEFAULT = 1_000_000_000  # zero_optimization.stage3_max_reuse_distance when absent (zero/config.py)
 BUFFER_ALIGN = 2**20  # elements: a filled buffer_size is rounded up to this (2 MiB in bf16)
 
 

@@ -594,11 +594,12 @@ def estimate(shape: ModelShape, config: dict, hw: Hardware, work: Workload, name
 
 def config_problems(shape: ModelShape, config: dict, hw: Hardware, name: str = "") -> list[str]:
     """What stops this config with this model before it trains, whatever the memory: an NVMe swap buffer smaller
-    than the largest parameter's partition (DeepSpeed asserts at the first forward)."""
+    than the largest parameter's partition (DeepSpeed asserts at the first forward), or NVMe swap buffers a reuse
+    distance outnumbers (it asserts from the second step)."""
     from recipe.ds_check import nvme_buffer_problems
 
     return nvme_buffer_problems(config, f"{name or 'ds_config'}.json", shape.largest_param, hw.gpus,
-                                shape.largest_param_name)
+                                shape.largest_param_name, shape.n_params)
 
 
 def partial_offload_ratio(shape: ModelShape, config: dict, hw: Hardware, work: Workload) -> float:

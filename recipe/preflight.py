@@ -56,7 +56,7 @@ def before_weights(training_args, model_args) -> dict | None:
     if ds is not None:
         fill_autos(training_args, model_args, shape)
         problems += nvme_buffer_problems(training_args.ds.config, ds.name, shape.largest_param,
-                                         training_args.world_size, shape.largest_param_name)
+                                         training_args.world_size, shape.largest_param_name, shape.n_params)
     check = None
     if not training_args.dry_run:
         check = run_host_check(training_args, model_args, shape)

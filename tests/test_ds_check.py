@@ -341,6 +341,31 @@ def test_nvme_buffer_smaller_than_the_largest_parameter_is_reported(size, world,
         assert ("absent: DeepSpeed's default" in text) == (size is DELETE)
 
 
+@pytest.mark.parametrize("reuse,in_cpu,flagged", [(DELETE, DELETE, True), (1e9, 1e9, True), (0, DELETE, False),
+                                                   (1e9, 2e9, False), (1e6, 0, True)])
+def test_nvme_reuse_distance_that_outnumbers_the_swap_buffers_is_reported(reuse, in_cpu, flagged):
+    """The 1B shape (1.24B parameters) on NVMe: past max_in_cpu its parameters go through the swap buffers, which any
+    reuse distance above 0 lets ZeRO-3 outnumber (the H200 run of 2026-12-02 stopped at step 2); the shipped file's 0
+    passes, as does a max_in_cpu that holds every parameter."""
+    from recipe.ds_check import nvme_buffer_problems
+
+    config = edited("stage3_nvme.json", {"zero_optimization.stage3_max_reuse_distance": reuse,
+                                         "zero_optimization.offload_param.max_in_cpu": in_cpu,
+                                         "zero_optimization.offload_param.buffer_size": EMBED_1B,
+                                         "zero_optimization.offload_param.nvme_path": "/nvme",
+                                         "zero_optimization.offload_optimizer.nvme_path": "/nvme"})
+    problems = nvme_buffer_problems(config, "test.json", EMBED_1B, 1, "the embedding", n_params=1_235_814_400)
+    assert bool(problems) == flagged, problems
+    if flagged:
+        (text,) = problems
+        assert text.startswith("test.json: zero_optimization.stage3_max_reuse_distance: ") and "; fix: " in text
+        assert "Not enough buffers 0 for swapping 1" in text and "set stage3_max_reuse_distance to 0" in text
+        assert ("absent: DeepSpeed's default" in text) == (reuse is DELETE)
+    # on 2 processes each holds 618M elements: within DeepSpeed's default max_in_cpu of 1e9
+    two = nvme_buffer_problems(config, "test.json", EMBED_1B, 2, "the embedding", n_params=1_235_814_400)
+    assert bool(two) == (flagged and in_cpu == 0), two
+
+
 def test_nvme_buffer_check_ignores_configs_without_nvme_parameters():
     from recipe.ds_check import nvme_buffer_problems
 
