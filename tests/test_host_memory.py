@@ -246,6 +246,39 @@ def test_a_users_nvme_file_with_a_small_buffer_stops_before_weights(issue_machin
     assert 'set it to "auto"' in text
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not aio_available(), reason="needs libaio (DeepSpeed's async_io op), as NVMe offload does")
+def test_nvme_parameters_past_max_in_cpu_train_with_the_shipped_reuse_distance(tmp_path):
+    """Real ZeRO-Infinity on CPU (DeepSpeed's CPU async_io op): a 0.1B Llama whose every parameter goes through the
+    NVMe swap buffers (max_in_cpu 0) trains past step 2 with the shipped stage3_nvme.json's reuse distance (0);
+    the guides' 1e9 had DeepSpeed stop at step 2 ("Not enough buffers 0 for swapping 1"), and ds_check now stops
+    it before any weights load. 84 s on 2 cores with libaio unpacked from Debian's packages (2026-12-02)."""
+    config = json.loads((ROOT / "recipe" / "tiny_llama.json").read_text())
+    config.update(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    ds = json.loads((ROOT / "ds_configs" / "stage3_nvme.json").read_text())
+    ds["zero_optimization"]["offload_param"]["max_in_cpu"] = 0
+    (tmp_path / "nvme").mkdir()
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--random_init", "true", "--tokenizer_name_or_path",
+              "tiny", "--nvme_path", str(tmp_path / "nvme"), "--max_steps", "3", "--logging_steps", "1",
+              "--per_device_train_batch_size", "2", "--max_length", "64", "--eval_strategy", "no",
+              "--heldout_eval", "false", "--save_final_model", "false", "--report_to", "none"]
+    for reuse in (0, 1e9):
+        ds["zero_optimization"]["stage3_max_reuse_distance"] = reuse
+        path = tmp_path / f"nvme_reuse_{reuse:g}.json"
+        path.write_text(json.dumps(ds))
+        proc = launch([*common, "--deepspeed", str(path)], tmp_path / f"r{reuse:g}")
+        if reuse:
+            assert proc.returncode == 2 and "stage3_max_reuse_distance" in proc.stderr, proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr
+        else:
+            check_ok(proc)
+            assert read_summary(tmp_path / "r0")["global_step"] == 3
+            assert any((tmp_path / "nvme").rglob("*param.tensor.swp"))  # the parameters really went to disk
+
+
 def test_dry_run_reports_host_memory_and_exits_2_when_it_would(issue_machine, tmp_path):
     """--dry_run writes its estimate (host memory included) and, like the run it stands for, stops with the
     host-memory problem."""
