@@ -234,25 +234,23 @@ def run_one(name: str, cmd: list[str], run_dir: Path, log_dir: Path, timeout: in
     return None, f"exit {rc}: {errors[-1][:200] if errors else 'see log'}"
 
 
+def accumulation_of(words: list[str]) -> int:
+    """The gradient accumulation a command line asks for: its last --gradient_accumulation_steps (as argparse
+    takes it, `--gradient_accumulation_steps N` or `=N`), 1 without."""
+    value = 1
+    for i, word in enumerate(words):
+        if word == "--gradient_accumulation_steps" and i + 1 < len(words):
+            value = int(words[i + 1])
+        elif word.startswith("--gradient_accumulation_steps="):
+            value = int(word.split("=", 1)[1])
+    return value
+
+
 def max_accumulation(variants: list[list[str]]) -> int:
-    """The largest --gradient_accumulation_steps among the variants' flags (1 without): each optimizer step reads
-    that many micro-batches, so the data must hold max_steps x batch x accumulation rows (with fewer, the Trainer
-    ends each epoch early and an optimizer step sees fewer tokens than asked)."""
-    most = 1
-    for _, flags in variants:
-        words = shlex.split(flags)
-        for i, word in enumerate(words):
-            if word == "--gradient_accumulation_steps" and i + 1 < len(words):
-                most = max(most, int(words[i + 1]))
-            elif word.startswith("--gradient_accumulation_steps="):
-                most = max(most, int(word.split("=", 1)[1]))
-    return most
-
-
-def accumulation_of(cmd: list[str]) -> int:
-    """A row's gradient accumulation (the last --gradient_accumulation_steps of its command wins, as in argparse)."""
-    values = [cmd[i + 1] for i, word in enumerate(cmd[:-1]) if word == "--gradient_accumulation_steps"]
-    return int(values[-1]) if values else 1
+    """The largest accumulation among the variants' flags: each optimizer step reads that many micro-batches, so the
+    data must hold max_steps x batch x accumulation rows (with fewer, the Trainer ends each epoch early and an
+    optimizer step sees fewer tokens than asked)."""
+    return max(accumulation_of(shlex.split(flags)) for _, flags in variants)
 
 
 def model_of(cmd: list[str]) -> str | None:
